@@ -1,0 +1,80 @@
+"""Chunk latency of a policy: one backbone pass, then N candidate chunks from the same prefix.
+
+    python -m benchmarks.latency [--presets debug metaworld] [--samples 1 16] [--repeats 20] [--threads 2]
+
+Prints a table and writes benchmarks/results/latency.json. Target (foundation issue): 16 candidates
+cost at most 2x one, because the prefix (images + language) is computed once and only the small
+action expert runs per candidate.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import print_table, provenance, write_json
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1000
+
+
+def measure(preset: str, samples: list[int], repeats: int, bf16: bool = False) -> dict:
+    from vla.testing import random_observation
+    from vla.policy import VLAPolicy
+    from vla.presets import get_preset
+
+    cfg = get_preset(preset).policy
+    torch.manual_seed(0)
+    policy = VLAPolicy(cfg).eval()
+    obs = random_observation(policy, batch=1, prompts=["pick up the puck"])
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+    row: dict = {"preset": preset, "bf16": bf16, "flow_steps": getattr(cfg.head, "num_steps", None)}
+    with torch.no_grad(), ctx:
+        prefix = policy.encode(obs)
+        row["prefix_tokens"] = int(prefix.mask.shape[1])
+        row["prefix_ms"] = round(_time(lambda: policy.encode(obs), repeats), 2)
+        for n in samples:
+            row[f"chunk_ms_N{n}"] = round(_time(lambda: policy.sample_actions(obs, num_samples=n), repeats), 2)
+            row[f"head_ms_N{n}"] = round(_time(lambda: policy.head.sample(policy.backbone, prefix, num_samples=n), repeats), 2)
+    if len(samples) >= 2:
+        lo, hi = min(samples), max(samples)
+        row[f"ratio_N{hi}/N{lo}"] = round(row[f"chunk_ms_N{hi}"] / row[f"chunk_ms_N{lo}"], 2)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["debug", "metaworld"])
+    p.add_argument("--samples", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--bf16", action="store_true", help="also measure with bf16 autocast")
+    p.add_argument("--out", default="benchmarks/results/latency.json")
+    args = p.parse_args(argv)
+    started = time.time()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for preset in args.presets:
+        rows.append(measure(preset, args.samples, args.repeats))
+        if args.bf16:
+            rows.append(measure(preset, args.samples, args.repeats, bf16=True))
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    print_table(rows, cols)
+    out = write_json(Path(args.out), {"rows": rows, "threads": args.threads, "repeats": args.repeats,
+                                      **provenance(started)})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""The chunk broker: hands a controller one action per tick from the policy's latest chunk.
+
+The policy predicts H actions at once; the broker executes the first ``n_action_steps`` of them and
+then asks for a new chunk with a fresh observation (receding horizon, as in ACT / pi0 / LeRobot).
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Mapping
+
+import numpy as np
+
+
+class ChunkBroker:
+    def __init__(self, policy: Any, n_action_steps: int | None = None) -> None:
+        h = policy.config.chunk_size
+        self.n_action_steps = n_action_steps or policy.config.n_action_steps
+        if not 1 <= self.n_action_steps <= h:
+            raise ValueError(f"n_action_steps must be in [1, chunk_size={h}], got {self.n_action_steps}")
+        self.policy = policy
+        self._queue: deque[np.ndarray] = deque()
+        self.chunks_requested = 0
+
+    def reset(self) -> None:
+        """Forget the queued actions (call at episode start)."""
+        self._queue.clear()
+        self.policy.reset()
+
+    def act(self, raw_obs: Mapping[str, Any]) -> np.ndarray:
+        """-> (A,) the action for this control tick. Re-plans when the queue is empty."""
+        if not self._queue:
+            chunk = np.asarray(self.policy.predict_action_chunk(raw_obs))
+            if chunk.ndim != 2:
+                raise ValueError(f"ChunkBroker: expected a (H, A) chunk, got shape {chunk.shape}")
+            if not np.isfinite(chunk).all():
+                raise FloatingPointError("ChunkBroker: the policy returned a non-finite action chunk")
+            self._queue.extend(chunk[: self.n_action_steps])
+            self.chunks_requested += 1
+        return self._queue.popleft()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)

@@ -1,0 +1,192 @@
+"""Flow-matching action expert (pi0 / NORA-1.5 style).
+
+An "action expert" transformer with as many layers as the backbone's language model. Layer ``l`` of
+the expert attends to layer ``l`` of the backbone's prefix cache plus its own tokens, with pi0's
+block-causal mask:
+
+    prefix  (images + language): bidirectional, never sees the suffix (it is computed alone, once)
+    state token:                 sees the prefix and itself
+    action tokens (H of them):   see the prefix, the state token and every action token
+
+Because the state token never sees the actions, its per-layer keys/values do not depend on the noisy
+actions or the flow time: they are computed once per observation and appended to the prefix cache,
+so each Euler step only runs the H action tokens.
+
+Training (rectified flow, pi0 convention): t ~ Beta(1.5, 1) (weighted toward noise),
+x_t = t * noise + (1 - t) * actions, target velocity u = noise - actions. Sampling integrates
+dx/dt = v from t = 1 (noise) to t = 0 with ``num_steps`` Euler steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from policies.base import ActionHead, masked_step_mean
+from vla.backbones.base import Backbone
+from vla.config import HeadConfig, PolicyConfig
+from vla.nn import Block, RMSNorm, attend, sincos_embedding
+from vla.types import Prefix
+
+
+@HeadConfig.register_subclass("flow_matching")
+@dataclass
+class FlowMatchingConfig(HeadConfig):
+    width: int = 128  # the expert's residual width (its attention geometry follows the backbone)
+    mlp_ratio: float = 4.0
+    num_steps: int = 10  # Euler steps at inference
+    time_alpha: float = 1.5  # t ~ Beta(alpha, beta) during training (pi0)
+    time_beta: float = 1.0
+    min_period: float = 4e-3  # sine-cosine time embedding periods (pi0)
+    max_period: float = 4.0
+
+    @classmethod
+    def tiny(cls) -> "FlowMatchingConfig":
+        return cls(width=32, num_steps=3)
+
+    def build(self, backbone: Backbone, policy: PolicyConfig) -> "FlowMatchingHead":
+        return FlowMatchingHead(self, backbone, policy.chunk_size, policy.max_action_dim, policy.max_state_dim)
+
+
+class FlowMatchingHead(ActionHead):
+    def __init__(self, cfg: FlowMatchingConfig, backbone: Backbone, chunk_size: int, action_dim: int, state_dim: int):
+        super().__init__()
+        spec = backbone.kv_spec
+        self.cfg, self.chunk_size, self.action_dim = cfg, chunk_size, action_dim
+        w = cfg.width
+        self.blocks = nn.ModuleList(
+            Block(w, spec.num_heads, spec.num_kv_heads, spec.head_dim, cfg.mlp_ratio, spec.rope_theta)
+            for _ in range(spec.num_layers)
+        )
+        self.norm = RMSNorm(w)
+        self.state_in = nn.Linear(state_dim, w)
+        self.action_in = nn.Linear(action_dim, w)
+        # pi0's action-time MLP: [action embedding, time embedding] -> width.
+        self.time_mlp_in = nn.Linear(2 * w, w)
+        self.time_mlp_out = nn.Linear(w, w)
+        self.action_out = nn.Linear(w, action_dim)
+        self._time_dist = torch.distributions.Beta(torch.tensor(cfg.time_alpha), torch.tensor(cfg.time_beta))
+
+    # --- the expert stack -------------------------------------------------------------------
+    def run_expert(
+        self, x: Tensor, positions: Tensor, ctx: Prefix, self_mask: Tensor
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Run suffix tokens x (B, T, W) through the expert, layer l attending to ``ctx.kv[l]``.
+
+        self_mask: (T, T) bool among the new tokens. Returns normed output and new per-layer (k, v).
+        """
+        b, t, _ = x.shape
+        mask = torch.cat([ctx.mask[:, None, :].expand(b, t, -1), self_mask[None].expand(b, t, t)], dim=2)
+        new_kv = []
+        for blk, (pk, pv) in zip(self.blocks, ctx.kv):
+            q, k, v = blk.qkv(x, positions)
+            out = attend(q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), mask)
+            x = blk.finish(x, out)
+            new_kv.append((k, v))
+        return self.norm(x), new_kv
+
+    def embed_state(self, prefix: Prefix) -> Tensor:
+        """-> (B, 1, W) the state token's input embedding."""
+        state = prefix.extras["state"]
+        return self.state_in(state.to(self.state_in.weight.dtype))[:, None]
+
+    def embed_actions(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """x_t (B, H, A), t (B,) -> (B, H, W) action-token input embeddings."""
+        a = self.action_in(x_t)
+        te = sincos_embedding(t, self.cfg.width, self.cfg.min_period, self.cfg.max_period).to(a.dtype)
+        h = torch.cat([a, te[:, None].expand_as(a)], dim=-1)
+        return self.time_mlp_out(F.silu(self.time_mlp_in(h)))
+
+    def with_state(self, prefix: Prefix) -> Prefix:
+        """Append the state token's per-layer keys/values to the prefix cache (computed once)."""
+        b = prefix.batch_size
+        one = torch.ones(1, 1, dtype=torch.bool, device=prefix.mask.device)
+        _, kv = self.run_expert(self.embed_state(prefix), prefix.positions[:, None], prefix, one)
+        return Prefix(
+            hidden=prefix.hidden,
+            mask=torch.cat([prefix.mask, torch.ones(b, 1, dtype=torch.bool, device=prefix.mask.device)], 1),
+            kv=tuple((torch.cat([pk, k], 2), torch.cat([pv, v], 2)) for (pk, pv), (k, v) in zip(prefix.kv, kv)),
+            positions=prefix.positions + 1,
+            extras=prefix.extras,
+        )
+
+    def velocity(self, ctx: Prefix, x_t: Tensor, t: Tensor, return_hidden: bool = False):
+        """ctx = ``with_state(prefix)``; x_t (B, H, A), t (B,) -> v (B, H, A) [, hidden (B, H, W)]."""
+        h = self.chunk_size
+        pos = ctx.positions[:, None] + torch.arange(h, device=x_t.device)[None]
+        full = torch.ones(h, h, dtype=torch.bool, device=x_t.device)
+        out, _ = self.run_expert(self.embed_actions(x_t, t), pos, ctx, full)
+        v = self.action_out(out)
+        return (v, out) if return_hidden else v
+
+    # --- the contract ------------------------------------------------------------------------
+    def sample_time(self, n: int, device, generator: torch.Generator | None = None) -> Tensor:
+        """(n,) flow times from Beta(alpha, beta), squeezed into [0.001, 1] like pi0."""
+        if generator is None:
+            t = self._time_dist.sample((n,)).to(device)
+        else:  # Beta has no generator argument: sample it from two seeded Gammas instead.
+            u = torch._standard_gamma(torch.full((n,), self.cfg.time_alpha), generator=generator)
+            w = torch._standard_gamma(torch.full((n,), self.cfg.time_beta), generator=generator)
+            t = (u / (u + w)).to(device)
+        return t * 0.999 + 0.001
+
+    def loss(
+        self,
+        backbone: Backbone,
+        prefix: Prefix,
+        actions: Tensor,
+        is_pad: Tensor,
+        *,
+        noise: Tensor | None = None,
+        time: Tensor | None = None,
+    ) -> Tensor:
+        """Per-step flow-matching MSE (B, H). ``noise`` (B, H, A) and ``time`` (B,) may be given so that
+        two calls (e.g. DPO's chosen and rejected chunk) see the same corruption."""
+        b = actions.shape[0]
+        if noise is None:
+            noise = torch.randn_like(actions)
+        if time is None:
+            time = self.sample_time(b, actions.device)
+        tt = time[:, None, None].to(actions.dtype)
+        x_t = tt * noise + (1 - tt) * actions
+        target = noise - actions
+        v = self.velocity(self.with_state(prefix), x_t, time)
+        dt = torch.promote_types(v.dtype, torch.float32)  # bf16 autocast: reduce in fp32
+        err = (v.to(dt) - target.to(dt)).pow(2)
+        return masked_step_mean(err, is_pad, prefix.extras.get("action_dim_mask"))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        backbone: Backbone,
+        prefix: Prefix,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+        return_features: bool = False,
+    ):
+        """(B, N, H, A) chunks by Euler integration from noise; the prefix is repeated, not recomputed.
+
+        With ``return_features`` also the expert's last hidden state of the final step, (B, N, H, W)
+        — the chunk's internal representation that test-time selectors (CFN) score.
+        """
+        b, n, h, a = prefix.batch_size, num_samples, self.chunk_size, self.action_dim
+        ctx = self.with_state(prefix.repeat(n))
+        dev = prefix.hidden.device
+        if noise is None:
+            noise = torch.randn(b * n, h, a, generator=generator, device=dev if generator is None else "cpu").to(dev)
+        x = noise.reshape(b * n, h, a).to(prefix.hidden.dtype)
+        steps = self.cfg.num_steps
+        dt = -1.0 / steps
+        hidden = None
+        for i in range(steps):
+            t = torch.full((b * n,), 1.0 + i * dt, device=dev)
+            v, hidden = self.velocity(ctx, x, t, return_hidden=True)
+            x = x + dt * v
+        x = x.view(b, n, h, a)
+        if return_features:
+            return x, hidden.view(b, n, h, -1)
+        return x
+

@@ -1,0 +1,22 @@
+"""Test-wide settings: offline, temporary HF cache, deterministic, one thread per process."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Set before transformers/datasets/lerobot are imported anywhere in the session.
+_HF_HOME = tempfile.mkdtemp(prefix="vla-test-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MUJOCO_GL", "egl")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)

@@ -1,0 +1,206 @@
+"""Configuration dataclasses (draccus) and the preset-aware parser.
+
+Backbones and heads are draccus choice registries: a component registers its config class with
+``@BackboneConfig.register_subclass("name")`` / ``@HeadConfig.register_subclass("name")`` and the
+CLI accepts ``--backbone.type=name --backbone.some_field=...``. The config class builds the module
+(``build()``), so a registered name can never point at nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import draccus
+import yaml
+
+from vla.registry import UnknownNameError, choice_names, unknown_name_message
+
+
+@dataclass
+class BackboneConfig(draccus.ChoiceRegistry):
+    """Base of all backbone configs. Subclasses implement ``build() -> Backbone`` and
+    ``tiny_variants()`` (small random instances the test-suite runs through every contract test)."""
+
+    @classmethod
+    def tiny_variants(cls) -> dict[str, "BackboneConfig"]:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{cls.__name__}.tiny_variants")
+
+    def build(self, assets_dir=None):  # pragma: no cover - abstract
+        """Build the backbone. ``assets_dir`` (a checkpoint's ``backbone/`` folder, written by
+        ``Backbone.save_assets``) means: rebuild the architecture from the files there and skip
+        loading pretrained weights, because the checkpoint's own weights are loaded next."""
+        raise NotImplementedError(f"{type(self).__name__}.build")
+
+    @property
+    def type(self) -> str:
+        return self.get_choice_name(type(self))
+
+
+@dataclass
+class HeadConfig(draccus.ChoiceRegistry):
+    """Base of all action-head configs. Subclasses implement ``build(backbone, policy_cfg) -> ActionHead``
+    and ``tiny()`` (a small instance for the parametrized contract tests)."""
+
+    @classmethod
+    def tiny(cls) -> "HeadConfig":  # pragma: no cover - abstract
+        raise NotImplementedError(f"{cls.__name__}.tiny")
+
+    def build(self, backbone, policy: "PolicyConfig"):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.build")
+
+    @property
+    def type(self) -> str:
+        return self.get_choice_name(type(self))
+
+
+@dataclass
+class NormalizationConfig:
+    # "mean_std": (x - mean) / std ; "quantile": map [q01, q99] to [-1, 1] ; "identity": unchanged
+    state: str = "mean_std"
+    action: str = "mean_std"
+    eps: float = 1e-6  # floor for std / range: a constant feature maps to 0, never NaN
+
+
+@dataclass
+class PolicyConfig:
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig.get_choice_class("timm_lm")())
+    head: HeadConfig = field(default_factory=lambda: HeadConfig.get_choice_class("flow_matching")())
+    chunk_size: int = 8  # H: actions predicted per chunk
+    n_action_steps: int = 8  # actions executed from each chunk before re-planning
+    max_state_dim: int = 8  # S: state is zero-padded to this, with a mask
+    max_action_dim: int = 8  # A: actions are zero-padded to this, with a mask
+    cameras: list[str] = field(default_factory=lambda: ["cam0"])  # the model's camera slots, in order
+    image_size: int = 128  # images are resized to (image_size, image_size)
+    max_prompt_len: int = 32  # prompt tokens (longer prompts are an error, not a truncation)
+    normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
+
+
+@dataclass
+class DatasetConfig:
+    root: str | None = None  # local LeRobot dataset folder
+    repo_id: str = "local/dataset"  # hub id (or a name for a local root)
+    # Generate a small learnable synthetic dataset at `root` if it does not exist (debug preset).
+    synthetic: bool = False
+    # dataset camera key -> model camera slot, e.g. {"observation.images.top": "cam0"}; empty = in order
+    camera_map: dict[str, str] = field(default_factory=dict)
+    state_key: str = "observation.state"
+    action_key: str = "action"
+    episodes: list[int] | None = None  # subset of episodes (None = all)
+    video_backend: str | None = None  # None = lerobot's default (torchcodec when present)
+    # Augmentation at train time: random crop of this fraction of the side, then resize back.
+    crop_scale: float = 1.0
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # Module-name regex inside the backbone that LoRA wraps; the head always trains fully.
+    target_modules: str = r".*(q_proj|k_proj|v_proj|o_proj|qkv|proj_out).*"
+
+
+@dataclass
+class TrainConfig:
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    output_dir: str = "outputs/train"
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-4
+    backbone_lr_scale: float = 1.0  # lr multiplier for backbone params (pretrained encoders like lower)
+    weight_decay: float = 1e-2
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    bf16: bool = False  # autocast matmuls to bf16 on CPU/GPU
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 10
+    save_every: int = 500  # 0 = only at the end
+    keep_last: int = 2  # periodic checkpoints kept on disk
+    resume: bool = False  # continue from output_dir/checkpoints/last
+    # Exit after this many optimizer steps in THIS run (time-sliced jobs); the schedule still follows
+    # `steps`, and `--resume=true` continues exactly where it stopped.
+    stop_after: int | None = None
+    init_from: str | None = None  # start from the weights of this policy checkpoint (fine-tuning)
+    device: str = "auto"  # auto | cpu | cuda
+    torch_threads: int = 0  # 0 = torch default
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing: a preset supplies the defaults, CLI flags override them.
+
+_CHOICE_FIELDS = {"backbone": BackboneConfig, "head": HeadConfig}
+# Short CLI aliases: `--head.type=x` means `--policy.head.type=x`.
+_ALIASES = ("backbone", "head")
+
+
+def _normalize_args(args: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    for a in args:
+        for alias in _ALIASES:
+            if a.startswith(f"--{alias}.") or a.startswith(f"--{alias}="):
+                a = "--policy." + a[2:]
+        out.append(a)
+    return out
+
+
+def _check_choice(kind: str, base: type, name: str) -> None:
+    if name not in choice_names(base):
+        raise UnknownNameError(unknown_name_message(kind, name, choice_names(base)))
+
+
+def to_dict(cfg: Any) -> dict:
+    """Config dataclass -> plain dict (with ``type`` keys for choices), via draccus."""
+    buf = io.StringIO()
+    draccus.dump(cfg, buf)
+    return yaml.safe_load(buf.getvalue()) or {}
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    return draccus.decode(cls, data)
+
+
+def parse_config(cls: type, base: Any | None, args: Sequence[str]) -> Any:
+    """Parse ``args`` (``--a.b=c``) over the defaults in ``base`` (a preset instance).
+
+    Switching a choice (``--head.type=discrete``) resets that sub-config to the new type's defaults
+    instead of feeding it the old type's fields. Unknown choice names fail with the known names.
+    """
+    args = _normalize_args(args)
+    data = to_dict(base) if base is not None else {}
+    for a in args:
+        m = re.match(r"--((?:[\w]+\.)*)([\w]+)\.type=(.+)$", a)
+        if not m:
+            continue
+        path = (m.group(1) + m.group(2)).split(".")
+        kind = path[-1]
+        if kind in _CHOICE_FIELDS:
+            _check_choice(kind, _CHOICE_FIELDS[kind], m.group(3))
+        node = data
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        if isinstance(node.get(path[-1]), dict) and node[path[-1]].get("type") != m.group(3):
+            node[path[-1]] = {"type": m.group(3)}
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(data, f)
+        path = f.name
+    try:
+        return draccus.parse(cls, config_path=path, args=args)
+    finally:
+        import os
+
+        os.unlink(path)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,150 @@
+"""``VLAPolicy``: a backbone + an action head + the pre/post-processors, with save/load.
+
+    policy = VLAPolicy.from_pretrained("outputs/train/checkpoints/last/pretrained_model")
+    chunk = policy.predict_action_chunk(raw_obs)   # LeRobot-keyed numpy obs -> (H, A) numpy
+
+The head is looked up by name through the config registry; ``vla`` core never imports a head.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vla.config import PolicyConfig, from_dict, to_dict
+from vla.plugins import load_plugins
+from vla.types import Observation, Prefix
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PREPROCESSOR_NAME = "preprocessor.json"
+ASSETS_DIR = "backbone"
+
+
+class VLAPolicy(nn.Module):
+    def __init__(self, config: PolicyConfig, preprocessor: Any | None = None, assets_dir: Path | None = None):
+        super().__init__()
+        load_plugins()
+        self.config = config
+        self.backbone = config.backbone.build(assets_dir=assets_dir)
+        self.head = config.head.build(self.backbone, config)
+        self.preprocessor = preprocessor
+
+    # --- model-level API (normalized tensors) ------------------------------------------------
+    def encode(self, obs: Observation, action_dim_mask: Tensor | None = None) -> Prefix:
+        """One backbone pass; the state and masks ride along in ``prefix.extras`` for the head."""
+        prefix = self.backbone.encode_prefix(obs)
+        prefix.extras["state"] = obs.state
+        if obs.state_mask is not None:
+            prefix.extras["state_mask"] = obs.state_mask
+        if action_dim_mask is not None:
+            prefix.extras["action_dim_mask"] = action_dim_mask
+        return prefix
+
+    def loss(self, obs: Observation, actions: Tensor, is_pad: Tensor, action_dim_mask: Tensor | None = None, **kw) -> Tensor:
+        """-> (B, H) unreduced per-step loss (zero on padded steps)."""
+        return self.head.loss(self.backbone, self.encode(obs, action_dim_mask), actions, is_pad, **kw)
+
+    def forward(self, batch: Mapping[str, Any], train: bool = True) -> Tensor:
+        """A raw LeRobot batch -> (B, H) per-step loss."""
+        pre = self._pre()
+        obs = pre.observation(batch, train=train)
+        actions, is_pad, dim_mask = pre.actions(batch)
+        return self.loss(obs, actions, is_pad, dim_mask)
+
+    @torch.no_grad()
+    def sample_actions(self, obs: Observation, num_samples: int = 1, generator: torch.Generator | None = None, **kw) -> Tensor:
+        """-> (B, N, H, A) normalized chunks from ONE backbone pass."""
+        return self.head.sample(self.backbone, self.encode(obs, self._dim_mask(obs.batch_size, obs.device)),
+                                num_samples=num_samples, generator=generator, **kw)
+
+    # --- robot-level API (raw numpy in, unnormalized numpy out) ------------------------------
+    @torch.no_grad()
+    def predict_action_chunk(self, raw_obs: Mapping[str, Any], num_samples: int = 1,
+                             generator: torch.Generator | None = None) -> np.ndarray:
+        """LeRobot-keyed observation -> unnormalized chunk.
+
+        Unbatched input (state of shape (S,)) gives (H, A); batched input (B, S) gives (B, H, A);
+        with ``num_samples > 1`` a candidate axis N is inserted after the batch axis.
+        A is the dataset's action dim (padding removed). Raises if the result is not finite.
+        """
+        pre = self._pre()
+        was_training = self.training
+        self.eval()
+        try:
+            obs = pre.observation(raw_obs, train=False).to(self.device)
+            chunks = self.sample_actions(obs, num_samples=num_samples, generator=generator)  # (B, N, H, A)
+            out = pre.unnormalize_actions(chunks.float()).cpu().numpy()
+        finally:
+            self.train(was_training)
+        if num_samples == 1:
+            out = out[:, 0]
+        unbatched = np.ndim(raw_obs["observation.state"]) == 1
+        return out[0] if unbatched else out
+
+    def reset(self) -> None:
+        """Called at episode start (stateless policy: nothing to clear; brokers keep the queues)."""
+
+    # --- helpers -------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _pre(self):
+        if self.preprocessor is None:
+            raise RuntimeError("this VLAPolicy has no preprocessor (normalization stats); "
+                               "load it with VLAPolicy.from_pretrained or pass preprocessor=")
+        return self.preprocessor
+
+    def _dim_mask(self, b: int, device) -> Tensor | None:
+        if self.preprocessor is None:
+            return None
+        m = torch.zeros(b, self.config.max_action_dim, dtype=torch.bool, device=device)
+        m[:, : self.preprocessor.action_dim] = True
+        return m
+
+    # --- save / load ---------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write config, weights (safetensors), normalization stats and backbone assets into ``path``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(json.dumps(to_dict(self.config), indent=2))
+        sd = self.state_dict() if state_dict is None else state_dict
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(path / WEIGHTS_NAME))
+        if self.preprocessor is not None:
+            (path / PREPROCESSOR_NAME).write_text(json.dumps(self.preprocessor.state_dict(), indent=1))
+        (path / ASSETS_DIR).mkdir(exist_ok=True)
+        self.backbone.save_assets(path / ASSETS_DIR)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "VLAPolicy":
+        """Load a policy saved by :meth:`save_pretrained` (or a LoRA adapter checkpoint)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        from vla.lora import ADAPTER_CONFIG_NAME, load_adapter_checkpoint
+
+        if (path / ADAPTER_CONFIG_NAME).exists():
+            return load_adapter_checkpoint(path, device)
+        if not (path / CONFIG_NAME).exists():
+            raise FileNotFoundError(f"{path} is not a policy checkpoint: no {CONFIG_NAME} in it")
+        load_plugins()
+        config = from_dict(PolicyConfig, json.loads((path / CONFIG_NAME).read_text()))
+        policy = cls(config, assets_dir=path / ASSETS_DIR)
+        missing, unexpected = policy.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"{path / WEIGHTS_NAME}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        if (path / PREPROCESSOR_NAME).exists():
+            from vla.data.processor import Preprocessor
+
+            policy.preprocessor = Preprocessor.from_state_dict(
+                json.loads((path / PREPROCESSOR_NAME).read_text()), config, policy.backbone.tokenize
+            )
+        return policy.to(device).eval()

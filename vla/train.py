@@ -1,0 +1,190 @@
+"""``vla train``: fit a VLA policy on a LeRobot dataset. Read it top to bottom.
+
+    vla train --preset=debug
+    vla train --preset=metaworld --dataset.root=data/mt10 --steps=20000 --bf16=true
+    vla train --preset=metaworld --head.type=flow_matching --output_dir=outputs/run1 --resume=true
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vla.checkpoint import LAST, MODEL_DIR, load_training_state, rng_state, save_checkpoint, set_rng_state
+from vla.config import TrainConfig, to_dict
+from vla.policy import VLAPolicy
+from vla.sampler import ResumableBatchSampler
+from vla.schedule import make_optimizer
+
+log = logging.getLogger("vla.train")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_data(cfg: TrainConfig):
+    """Dataset + the preprocessor whose normalization stats come from that dataset."""
+    from vla.data.dataset import dataset_spec, make_dataset, resolve_camera_map
+    from vla.data.stats import compute_stats
+
+    if cfg.dataset.synthetic and (cfg.dataset.root is None or not Path(cfg.dataset.root).exists()):
+        from vla.data.synthetic import make_synthetic_dataset
+
+        root = Path(cfg.dataset.root or Path(cfg.output_dir) / "synthetic_data")
+        if not root.exists():
+            make_synthetic_dataset(root, image_size=cfg.policy.image_size)
+        cfg.dataset.root = str(root)
+    dataset = make_dataset(cfg.dataset, cfg.policy.chunk_size)
+    spec = dataset_spec(dataset)
+    camera_map = resolve_camera_map(cfg.dataset.camera_map, spec.cameras, cfg.policy.cameras)
+    stats = compute_stats(dataset)
+    return dataset, spec, camera_map, stats
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run training; returns the path of the final policy checkpoint."""
+    # 1. Determinism and threads.
+    if cfg.torch_threads > 0:
+        torch.set_num_threads(cfg.torch_threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+
+    # 2. Data and normalization statistics.
+    dataset, spec, camera_map, stats = build_data(cfg)
+    log.info("dataset: %d frames, %d episodes, cameras %s -> %s, state %d, action %d",
+             spec.num_frames, spec.num_episodes, spec.cameras, camera_map, spec.state_dim, spec.action_dim)
+
+    # 3. The policy (backbone + head + preprocessor), optionally from a checkpoint, optionally LoRA.
+    from vla.data.processor import Preprocessor
+
+    if cfg.init_from:
+        policy = VLAPolicy.from_pretrained(cfg.init_from)
+        policy.config = cfg.policy  # chunking/execution settings follow this run
+    else:
+        policy = VLAPolicy(cfg.policy)
+    policy.preprocessor = Preprocessor(cfg.policy, camera_map, spec.state_dim, spec.action_dim, stats,
+                                       policy.backbone.tokenize, crop_scale=cfg.dataset.crop_scale)
+    lora_base = None
+    if cfg.lora.enabled:
+        from vla.lora import apply_lora
+
+        # Adapters are saved alone; they point at a frozen base checkpoint written once.
+        lora_base = Path(cfg.init_from) if cfg.init_from else out / "lora_base"
+        if not cfg.init_from and not (lora_base / "config.json").exists():
+            policy.save_pretrained(lora_base)
+        apply_lora(policy, cfg.lora)
+    policy.to(device).train()
+    n_train = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in policy.parameters())
+    log.info("parameters: %.2fM trainable of %.2fM", n_train / 1e6, n_all / 1e6)
+
+    # 4. Optimizer, schedule, and (on resume) the exact state of the interrupted run.
+    opt, sched = make_optimizer(policy, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps,
+                                cfg.min_lr_ratio, cfg.backbone_lr_scale)
+    step, batches_done = 0, 0
+    if cfg.resume:
+        ckpt = ckpt_root / LAST
+        state = load_training_state(ckpt)
+        _load_weights(policy, ckpt / MODEL_DIR)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        step, batches_done = state["step"], state["batches_done"]
+        log.info("resumed from %s at step %d", ckpt.resolve(), step)
+
+    sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_batch=batches_done)
+    # A private generator: creating the loader iterator must not consume the global RNG, or a
+    # resumed run would draw different noise than an uninterrupted one.
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                         persistent_workers=cfg.num_workers > 0,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    batches = iter(loader)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext)
+
+    def save(at_step: int) -> Path:
+        def write_model(path: Path) -> None:
+            if lora_base is not None:
+                from vla.lora import save_adapter_checkpoint
+
+                save_adapter_checkpoint(policy, path, str(lora_base), cfg.lora)
+            else:
+                policy.save_pretrained(path)
+
+        state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
+                 "step": at_step, "batches_done": batches_done}
+        return save_checkpoint(ckpt_root, at_step, write_model, state, to_dict(cfg), cfg.keep_last)
+
+    # 5. The loop: grad_accum micro-batches per optimizer step; loss = mean over valid action steps.
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = (out / "train_log.jsonl").open("a")
+    last_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + cfg.stop_after)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0)
+    losses: list[float] = []
+    t0, seen = time.perf_counter(), 0
+    pre = policy.preprocessor
+    while step < last_step:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            batch = next(batches)
+            batches_done += 1
+            obs = pre.observation(batch, train=True).to(device)
+            actions, is_pad, dim_mask = (t.to(device) for t in pre.actions(batch))
+            with autocast():
+                per_step = policy.loss(obs, actions, is_pad, dim_mask)  # (B, H)
+            loss = per_step.sum() / (~is_pad).sum().clamp(min=1)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+            (loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+            seen += actions.shape[0]
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        losses.append(total)
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == last_step:
+            dt = time.perf_counter() - t0
+            rec = {"step": step, "loss": sum(losses) / len(losses), "grad_norm": float(grad_norm),
+                   "lr": sched.get_last_lr()[-1], "samples_per_s": seen / max(dt, 1e-9)}
+            bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.1f}")
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
+            losses, t0, seen = [], time.perf_counter(), 0
+        if cfg.save_every and step % cfg.save_every == 0 and step != last_step:
+            save(step)
+    bar.close()
+    log_file.close()
+    final = save(step)
+    log.info("checkpoint: %s", (final / MODEL_DIR).resolve())
+    return final / MODEL_DIR
+
+
+def _load_weights(policy: VLAPolicy, path: Path) -> None:
+    """Load the model weights of a training checkpoint into a freshly built policy."""
+    from safetensors.torch import load_file
+
+    from vla.lora import ADAPTER_WEIGHTS_NAME
+    from vla.policy import WEIGHTS_NAME
+
+    if (path / ADAPTER_WEIGHTS_NAME).exists():
+        policy.load_state_dict(load_file(str(path / ADAPTER_WEIGHTS_NAME)), strict=False)
+    else:
+        policy.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
