@@ -34,7 +34,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_data(cfg: TrainConfig):
     """Dataset + the preprocessor whose normalization stats come from that dataset."""
-    from vla.data.dataset import dataset_spec, make_dataset, resolve_camera_map
+    from vla.data.dataset import dataset_spec, make_dataset
     from vla.data.stats import compute_stats
 
     if cfg.dataset.synthetic and (cfg.dataset.root is None or not Path(cfg.dataset.root).exists()):
@@ -42,13 +42,12 @@ def build_data(cfg: TrainConfig):
 
         root = Path(cfg.dataset.root or Path(cfg.output_dir) / "synthetic_data")
         if not root.exists():
-            make_synthetic_dataset(root, image_size=cfg.policy.image_size)
+            make_synthetic_dataset(root, num_episodes=8, image_size=cfg.policy.image_size)
         cfg.dataset.root = str(root)
     dataset = make_dataset(cfg.dataset, cfg.policy.chunk_size)
     spec = dataset_spec(dataset)
-    camera_map = resolve_camera_map(cfg.dataset.camera_map, spec.cameras, cfg.policy.cameras)
-    stats = compute_stats(dataset)
-    return dataset, spec, camera_map, stats
+    stats = compute_stats(dataset, keys=(cfg.dataset.state_key, cfg.dataset.action_key))
+    return dataset, spec, stats
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -64,9 +63,7 @@ def train(cfg: TrainConfig) -> Path:
     ckpt_root = out / "checkpoints"
 
     # 2. Data and normalization statistics.
-    dataset, spec, camera_map, stats = build_data(cfg)
-    log.info("dataset: %d frames, %d episodes, cameras %s -> %s, state %d, action %d",
-             spec.num_frames, spec.num_episodes, spec.cameras, camera_map, spec.state_dim, spec.action_dim)
+    dataset, spec, stats = build_data(cfg)
 
     # 3. The policy (backbone + head + preprocessor), optionally from a checkpoint, optionally LoRA.
     from vla.data.processor import Preprocessor
@@ -76,8 +73,9 @@ def train(cfg: TrainConfig) -> Path:
         policy.config = cfg.policy  # chunking/execution settings follow this run
     else:
         policy = VLAPolicy(cfg.policy)
-    policy.preprocessor = Preprocessor(cfg.policy, camera_map, spec.state_dim, spec.action_dim, stats,
-                                       policy.backbone.tokenize, crop_scale=cfg.dataset.crop_scale)
+    policy.preprocessor = Preprocessor.from_dataset(cfg.policy, cfg.dataset, spec, stats, policy.backbone.tokenize)
+    log.info("dataset: %d frames, %d episodes, cameras %s, state %d, action %d", spec.num_frames,
+             spec.num_episodes, policy.preprocessor.camera_map, spec.state_dim, spec.action_dim)
     lora_base = None
     if cfg.lora.enabled:
         from vla.lora import apply_lora

@@ -1,0 +1,1 @@
+"""Vision-language backbones (registered by name: timm_lm, hf_vlm)."""
