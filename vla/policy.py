@@ -108,15 +108,15 @@ class VLAPolicy(nn.Module):
         return m
 
     # --- save / load ---------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+    def save_pretrained(self, path: str | Path) -> Path:
         """Write config, weights (safetensors), normalization stats and backbone assets into ``path``."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save_model
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         (path / CONFIG_NAME).write_text(json.dumps(to_dict(self.config), indent=2))
-        sd = self.state_dict() if state_dict is None else state_dict
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, str(path / WEIGHTS_NAME))
+        # save_model (not save_file): tied weights (e.g. PaliGemma's LM head) are stored once.
+        save_model(self, str(path / WEIGHTS_NAME))
         if self.preprocessor is not None:
             (path / PREPROCESSOR_NAME).write_text(json.dumps(self.preprocessor.state_dict(), indent=1))
         (path / ASSETS_DIR).mkdir(exist_ok=True)
@@ -126,8 +126,6 @@ class VLAPolicy(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "VLAPolicy":
         """Load a policy saved by :meth:`save_pretrained` (or a LoRA adapter checkpoint)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         from vla.lora import ADAPTER_CONFIG_NAME, load_adapter_checkpoint
 
@@ -138,9 +136,7 @@ class VLAPolicy(nn.Module):
         load_plugins()
         config = from_dict(PolicyConfig, json.loads((path / CONFIG_NAME).read_text()))
         policy = cls(config, assets_dir=path / ASSETS_DIR)
-        missing, unexpected = policy.load_state_dict(load_file(str(path / WEIGHTS_NAME)), strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"{path / WEIGHTS_NAME}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        load_weights(policy, path / WEIGHTS_NAME)
         if (path / PREPROCESSOR_NAME).exists():
             from vla.data.processor import Preprocessor
 
@@ -148,3 +144,12 @@ class VLAPolicy(nn.Module):
                 json.loads((path / PREPROCESSOR_NAME).read_text()), config, policy.backbone.tokenize
             )
         return policy.to(device).eval()
+
+
+def load_weights(policy: nn.Module, file: Path) -> None:
+    """Load a full-policy safetensors file; every key must match (tied weights handled)."""
+    from safetensors.torch import load_model
+
+    missing, unexpected = load_model(policy, str(file), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"{file}: missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")

@@ -180,9 +180,9 @@ def _load_weights(policy: VLAPolicy, path: Path) -> None:
     from safetensors.torch import load_file
 
     from vla.lora import ADAPTER_WEIGHTS_NAME
-    from vla.policy import WEIGHTS_NAME
+    from vla.policy import WEIGHTS_NAME, load_weights
 
     if (path / ADAPTER_WEIGHTS_NAME).exists():
         policy.load_state_dict(load_file(str(path / ADAPTER_WEIGHTS_NAME)), strict=False)
     else:
-        policy.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        load_weights(policy, path / WEIGHTS_NAME)

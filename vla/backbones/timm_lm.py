@@ -146,7 +146,9 @@ class TimmLMBackbone(Backbone):
         # One encoder call for all cameras (stacked on the batch dim).
         x = torch.cat([obs.images[c] for c in cams], dim=0)
         x = (x - self.cfg.image_mean) / self.cfg.image_std
-        feats = self.vision.forward_intermediates(x, indices=[self.feature_index], intermediates_only=True)[0]
+        # A frozen encoder needs no autograd graph: saves the activations' memory and time.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_vision):
+            feats = self.vision.forward_intermediates(x, indices=[self.feature_index], intermediates_only=True)[0]
         _, f, h, w = feats.shape
         tok = self.image_proj(feats.flatten(2).transpose(1, 2))  # (C*B, h*w, W)
         tok = tok + sincos_2d(h, w, self.cfg.width, device=tok.device).to(tok.dtype)
