@@ -1,11 +1,14 @@
 """Test-wide settings: offline, temporary HF cache, deterministic, one thread per process."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Set before transformers/datasets/lerobot are imported anywhere in the session.
 _HF_HOME = tempfile.mkdtemp(prefix="vla-test-hf-")
+atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
