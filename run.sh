@@ -10,7 +10,28 @@ VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 STAMP="$VENV/.vla-setup-stamp"
 
+# Debian packages: FFmpeg 5.1 libraries for torchcodec (decoding LeRobot videos) and Mesa EGL for
+# MuJoCo's offscreen renderer (MetaWorld). Checked with ldconfig, so the fast path stays fast.
+APT_PACKAGES="libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8 \
+libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri"
+
+system_libs() {
+    if ldconfig -p | grep -q 'libavcodec.so.59 ' && ldconfig -p | grep -q 'libavfilter.so.8 ' \
+        && ldconfig -p | grep -q 'libEGL.so.1 ' && ldconfig -p | grep -q 'libEGL_mesa.so.0 '; then
+        return 0
+    fi
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+        echo "[setup] installing system libraries: $APT_PACKAGES" >&2
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $APT_PACKAGES >/dev/null
+    else
+        echo "[setup] missing system libraries; please run: sudo apt-get install -y $APT_PACKAGES" >&2
+        return 1
+    fi
+}
+
 setup() {
+    system_libs
     # The stamp records a hash of everything that decides what gets installed; when it matches,
     # setup is a no-op (a second run takes well under a second).
     local want
@@ -20,7 +41,8 @@ setup() {
     fi
     echo "[setup] creating $VENV (first time: a few minutes; torch is taken from this disk)" >&2
     [[ -x "$PY" ]] || python3.11 -m venv "$VENV" 2>/dev/null || python3 -m venv "$VENV"
-    local pip=("$PY" -m pip install --disable-pip-version-check -q)
+    # (pip's warnings about this machine's local package mirrors are noise: filtered)
+    local pip=(pip_quiet "$PY" -m pip install --disable-pip-version-check -q)
     "${pip[@]}" --upgrade pip setuptools wheel
     # Pin torch first: anything that lets pip choose "the newest torch" downloads GBs of CUDA wheels.
     "${pip[@]}" torch==2.14.1 torchvision==0.29.1
@@ -28,10 +50,12 @@ setup() {
     "${pip[@]}" --no-build-isolation deepspeed==0.19.8
     # lerobot 0.4.4's own pins conflict with torch 2.14: install it without deps (its needs are in pyproject).
     "${pip[@]}" --no-deps lerobot==0.4.4
-    "${pip[@]}" -e ".[test]"
+    "${pip[@]}" -e ".[test,sim]"
     echo "$want" > "$STAMP"
     echo "[setup] done" >&2
 }
+
+pip_quiet() { "$@" 2> >(grep -vE "is ignored: it is neither a file nor a directory|BuildBackendWarning|^\s*!!|\*\*\*|corresp\(dist|^\s*$" >&2); }
 
 cmd=${1:-}
 shift || true

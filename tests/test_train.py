@@ -47,6 +47,18 @@ def test_train_checkpoint_reload_predict(tmp_path: Path, synthetic: Path) -> Non
     assert chunk.shape == (policy.config.chunk_size, 3) and np.isfinite(chunk).all()
     # Stats came from the dataset and were saved inside the checkpoint.
     assert "action" in json.loads((ckpt / "preprocessor.json").read_text())["stats"]
+    # Bad input at inference is an error naming the key, never a silent zero or a NaN action.
+    raw = _raw_obs(policy, ["observation.images.cam0"])
+    raw["observation.state"] = np.array([0, np.nan, 0, 0], np.float32)
+    with pytest.raises(ValueError, match="observation.state"):
+        policy.predict_action_chunk(raw)
+    raw = _raw_obs(policy, ["observation.images.top"])
+    with pytest.raises(KeyError, match="observation.images.top"):
+        policy.predict_action_chunk(raw)
+    raw = _raw_obs(policy, ["observation.images.cam0"])
+    raw["observation.state"] = np.zeros(7, np.float32)
+    with pytest.raises(ValueError, match=r"observation.state.*\(4,\).*\(7,\)"):
+        policy.predict_action_chunk(raw)
 
 
 def test_resume_continues_exactly(tmp_path: Path, synthetic: Path) -> None:

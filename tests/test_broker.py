@@ -1,0 +1,49 @@
+"""The chunk broker hands out one action per tick and re-plans every n_action_steps."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from policies.broker import ChunkBroker
+
+
+class CountingPolicy:
+    """Returns chunk k filled with k + step/10, so every handed-out action is identifiable."""
+
+    def __init__(self, chunk_size: int = 4, n_action_steps: int = 2, bad: str | None = None) -> None:
+        self.config = SimpleNamespace(chunk_size=chunk_size, n_action_steps=n_action_steps)
+        self.calls, self.resets, self.bad = 0, 0, bad
+
+    def predict_action_chunk(self, raw):
+        self.calls += 1
+        if self.bad == "nan":
+            return np.full((self.config.chunk_size, 2), np.nan)
+        if self.bad == "shape":
+            return np.zeros(2)
+        return np.array([[self.calls + i / 10] * 2 for i in range(self.config.chunk_size)])
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def test_executes_n_action_steps_then_replans() -> None:
+    policy = CountingPolicy(chunk_size=4, n_action_steps=3)
+    broker = ChunkBroker(policy)
+    got = [broker.act({})[0] for _ in range(7)]
+    assert np.allclose(got, [1.0, 1.1, 1.2, 2.0, 2.1, 2.2, 3.0])
+    assert policy.calls == 3
+    broker.reset()
+    assert broker.queued == 0 and policy.resets == 1
+    assert broker.act({})[0] == pytest.approx(4.0)
+
+
+def test_override_and_validation() -> None:
+    assert ChunkBroker(CountingPolicy(), n_action_steps=4).n_action_steps == 4
+    with pytest.raises(ValueError, match="n_action_steps"):
+        ChunkBroker(CountingPolicy(chunk_size=4), n_action_steps=5)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        ChunkBroker(CountingPolicy(bad="nan")).act({})
+    with pytest.raises(ValueError, match=r"\(H, A\)"):
+        ChunkBroker(CountingPolicy(bad="shape")).act({})
