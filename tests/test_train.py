@@ -40,7 +40,7 @@ def _raw_obs(policy: VLAPolicy, cams: list[str]) -> dict:
 
 
 def test_train_checkpoint_reload_predict(tmp_path: Path, synthetic: Path) -> None:
-    ckpt = train(_cfg(tmp_path / "run", synthetic, "--steps=3"))
+    ckpt = train(_cfg(tmp_path / "run", synthetic, "--steps=3", "--bf16=true", "--grad_accum=2"))
     assert (ckpt / "model.safetensors").exists() and (ckpt / "preprocessor.json").exists()
     policy = VLAPolicy.from_pretrained(ckpt)
     chunk = policy.predict_action_chunk(_raw_obs(policy, ["observation.images.cam0"]))

@@ -111,7 +111,8 @@ def train(cfg: TrainConfig) -> Path:
                                          persistent_workers=cfg.num_workers > 0,
                                          generator=torch.Generator().manual_seed(cfg.seed))
     batches = iter(loader)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext)
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
 
     def save(at_step: int) -> Path:
         def write_model(path: Path) -> None:
@@ -161,7 +162,7 @@ def train(cfg: TrainConfig) -> Path:
         if step % cfg.log_every == 0 or step == last_step:
             dt = time.perf_counter() - t0
             rec = {"step": step, "loss": sum(losses) / len(losses), "grad_norm": float(grad_norm),
-                   "lr": sched.get_last_lr()[-1], "samples_per_s": seen / max(dt, 1e-9)}
+                   "lr": max(sched.get_last_lr()), "samples_per_s": seen / max(dt, 1e-9)}
             bar.set_postfix(loss=f"{rec['loss']:.4f}", sps=f"{rec['samples_per_s']:.1f}")
             log_file.write(json.dumps(rec) + "\n")
             log_file.flush()
