@@ -13,11 +13,11 @@ STAMP="$VENV/.vla-setup-stamp"
 # Debian packages: FFmpeg 5.1 libraries for torchcodec (decoding LeRobot videos) and Mesa EGL for
 # MuJoCo's offscreen renderer (MetaWorld). Checked with ldconfig, so the fast path stays fast.
 APT_PACKAGES="libavcodec59 libavformat59 libavutil57 libswscale6 libswresample4 libavdevice59 libavfilter8 \
-libegl1 libegl-mesa0 libgl1 libgl1-mesa-dri"
+libegl1 libegl-mesa0 libgl1-mesa-dri libgbm1 libopengl0"
 
 system_libs() {
     if ldconfig -p | grep -q 'libavcodec.so.59 ' && ldconfig -p | grep -q 'libavfilter.so.8 ' \
-        && ldconfig -p | grep -q 'libEGL.so.1 ' && ldconfig -p | grep -q 'libEGL_mesa.so.0 '; then
+        && ldconfig -p | grep -q 'libEGL_mesa.so.0 ' && ldconfig -p | grep -q 'libOpenGL.so.0 ' && ldconfig -p | grep -q 'libgbm.so.1 '; then
         return 0
     fi
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
