@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -11,14 +12,29 @@ from pathlib import Path
 from typing import Any
 
 
-def git_commit() -> str:
+def git_commit(cwd: Path | str | None = None) -> str:
+    """HEAD's hash (+ "-dirty" when files changed), or "uncommitted working tree" when there is none."""
+    cwd = cwd or Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except Exception:
-        return "unknown"
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0 or not head.stdout.strip():
+            return "uncommitted working tree"
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "uncommitted working tree"
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would type it ("vla eval metaworld ...",
+    "python -m benchmarks.metaworld.evaluate ...")."""
+    argv = list(sys.argv)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        argv[0:1] = ["python", "-m", spec.name.removesuffix(".__main__")]
+    elif argv:
+        argv[0] = os.path.basename(argv[0])
+    return shlex.join(argv)
 
 
 def machine() -> str:
@@ -38,7 +54,7 @@ def machine() -> str:
 
 def provenance(started: float) -> dict[str, Any]:
     return {
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": command_line(),
         "commit": git_commit(),
         "machine": machine(),
         "wall_time_s": round(time.time() - started, 2),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -34,9 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     # 1. Demonstrations from the scripted experts, written as a LeRobot dataset.
     data = args.out / "data"
     t = time.time()
-    if not (data / "meta" / "info.json").exists():
+    # generate.py writes this summary last: its presence means the dataset is complete.
+    if not (data / "meta" / "metaworld_generation.json").exists():
         from benchmarks.metaworld.generate import generate_dataset
 
+        if data.exists():
+            print(f"[demo 1/3] {data} is incomplete (interrupted run): regenerating it")
+            shutil.rmtree(data)
         print(f"[demo 1/3] generating {args.episodes} expert episodes per task ({args.tasks}) -> {data}")
         generate_dataset(data, args.tasks, args.episodes, seed=args.seed, workers=args.workers)
     else:
@@ -48,18 +53,24 @@ def main(argv: list[str] | None = None) -> int:
     from vla.presets import get_preset
     from vla.train import train
 
+    from vla.checkpoint import LAST, MODEL_DIR, load_training_state
+
     train_dir = args.out / "train"
-    ckpt = train_dir / "checkpoints" / "last" / "pretrained_model"
+    last = train_dir / "checkpoints" / LAST
+    overrides = [f"--dataset.root={data}", f"--output_dir={train_dir}", f"--seed={args.seed}"]
+    if args.steps is not None:
+        overrides.append(f"--steps={args.steps}")
+    cfg = parse_config(TrainConfig, get_preset("metaworld-demo"), overrides)
     t = time.time()
-    if not ckpt.exists():
-        overrides = [f"--dataset.root={data}", f"--output_dir={train_dir}", f"--seed={args.seed}"]
-        if args.steps is not None:
-            overrides.append(f"--steps={args.steps}")
-        cfg = parse_config(TrainConfig, get_preset("metaworld-demo"), overrides)
-        print(f"[demo 2/3] training {cfg.steps} steps (batch {cfg.batch_size}) -> {train_dir}")
-        ckpt = train(cfg)
+    done = load_training_state(last)["step"] if last.exists() else 0
+    if done >= cfg.steps:
+        ckpt = last / MODEL_DIR
+        print(f"[demo 2/3] reusing checkpoint {ckpt} ({done} steps)")
     else:
-        print(f"[demo 2/3] reusing checkpoint {ckpt}")
+        cfg.resume = done > 0  # an interrupted run continues where it stopped
+        print(f"[demo 2/3] training {cfg.steps} steps (batch {cfg.batch_size}"
+              f"{f', resuming at {done}' if done else ''}) -> {train_dir}")
+        ckpt = train(cfg)
     stages["train_s"] = time.time() - t
 
     # 3. Closed-loop evaluation on held-out task variations, with videos and an HTML report.
@@ -72,16 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(str(ckpt), args.tasks, args.eval_episodes, seed=args.seed + 1000, workers=args.workers,
                        video_dir=report_dir / "videos")
     stages["eval_s"] = time.time() - t
-    results.update(provenance(started))
-    results["stages_s"] = {k: round(v, 1) for k, v in stages.items()}
-    results["checkpoint"] = str(ckpt)
+    demo = {**provenance(started), "stages_s": {k: round(v, 1) for k, v in stages.items()},
+            "checkpoint": str(ckpt), "train_steps": cfg.steps, "train_batch_size": cfg.batch_size}
+    results["commit"] = demo["commit"]
+    results["demo"] = demo
     paths = write_report(results, report_dir)
-    write_json(args.out / "demo_summary.json", {k: results[k] for k in (
-        "mean_success", "ci95", "stages_s", "checkpoint", "command", "commit", "machine", "wall_time_s")
-        if k in results})
+    write_json(args.out / "demo_summary.json", {"mean_success": results["mean_success"], "ci95": results["ci95"],
+                                                 "per_task": {k: v["success_rate"] for k, v in results["tasks"].items()},
+                                                 **demo})
     for task, r in results["tasks"].items():
         print(f"  {task:<24} {r['success_rate']:6.1%}")
-    print(f"mean success {results['mean_success']:.1%}; stages {json.dumps(results['stages_s'])}")
+    print(f"mean success {results['mean_success']:.1%}; stages {json.dumps(demo['stages_s'])}")
     print(f"report: {Path(paths['html']).resolve()}")
     return 0
 

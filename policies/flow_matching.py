@@ -54,6 +54,10 @@ class FlowMatchingHead(ActionHead):
     def __init__(self, cfg: FlowMatchingConfig, backbone: Backbone, chunk_size: int, action_dim: int, state_dim: int):
         super().__init__()
         spec = backbone.kv_spec
+        if spec.rope_type not in ("default", "mrope"):
+            # The expert rotates its queries with plain RoPE; scaled RoPE keys in the cache would not match.
+            raise ValueError(f"flow_matching: the backbone's rope_type {spec.rope_type!r} is not supported; "
+                             "supported: default, mrope")
         self.cfg, self.chunk_size, self.action_dim = cfg, chunk_size, action_dim
         w = cfg.width
         self.blocks = nn.ModuleList(
@@ -94,7 +98,7 @@ class FlowMatchingHead(ActionHead):
 
     def embed_actions(self, x_t: Tensor, t: Tensor) -> Tensor:
         """x_t (B, H, A), t (B,) -> (B, H, W) action-token input embeddings."""
-        a = self.action_in(x_t)
+        a = self.action_in(x_t.to(self.action_in.weight.dtype))
         te = sincos_embedding(t, self.cfg.width, self.cfg.min_period, self.cfg.max_period).to(a.dtype)
         h = torch.cat([a, te[:, None].expand_as(a)], dim=-1)
         return self.time_mlp_out(F.silu(self.time_mlp_in(h)))
@@ -173,18 +177,21 @@ class FlowMatchingHead(ActionHead):
         — the chunk's internal representation that test-time selectors (CFN) score.
         """
         b, n, h, a = prefix.batch_size, num_samples, self.chunk_size, self.action_dim
-        ctx = self.with_state(prefix.repeat(n))
+        # The state token is encoded once per observation, then the cache is repeated for N candidates.
+        ctx = self.with_state(prefix).repeat(n)
         dev = prefix.hidden.device
         if noise is None:
             noise = torch.randn(b * n, h, a, generator=generator, device=dev if generator is None else "cpu").to(dev)
-        x = noise.reshape(b * n, h, a).to(prefix.hidden.dtype)
+        # The integration state stays in fp32 even when the networks run in bf16: Euler steps
+        # accumulate, and bf16 rounding would add up over num_steps.
+        x = noise.reshape(b * n, h, a).float()
         steps = self.cfg.num_steps
         dt = -1.0 / steps
         hidden = None
         for i in range(steps):
             t = torch.full((b * n,), 1.0 + i * dt, device=dev)
             v, hidden = self.velocity(ctx, x, t, return_hidden=True)
-            x = x + dt * v
+            x = x + dt * v.float()
         x = x.view(b, n, h, a)
         if return_features:
             return x, hidden.view(b, n, h, -1)

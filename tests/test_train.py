@@ -61,12 +61,18 @@ def test_train_checkpoint_reload_predict(tmp_path: Path, synthetic: Path) -> Non
         policy.predict_action_chunk(raw)
 
 
-def test_resume_continues_exactly(tmp_path: Path, synthetic: Path) -> None:
+@pytest.mark.parametrize("extra", [
+    (),
+    # the metaworld preset's settings: bf16 autocast, random-crop augmentation, a data-loader worker
+    ("--bf16=true", "--dataset.crop_scale=0.8", "--num_workers=1"),
+    ("--lora.enabled=true", "--lora.r=4"),
+], ids=["fp32", "bf16-crop-worker", "lora"])
+def test_resume_continues_exactly(tmp_path: Path, synthetic: Path, extra: tuple[str, ...]) -> None:
     straight = tmp_path / "straight"
-    train(_cfg(straight, synthetic, "--steps=4"))
+    train(_cfg(straight, synthetic, "--steps=4", *extra))
     split = tmp_path / "split"
-    train(_cfg(split, synthetic, "--steps=4", "--stop_after=2"))
-    train(_cfg(split, synthetic, "--steps=4", "--resume=true"))
+    train(_cfg(split, synthetic, "--steps=4", "--stop_after=2", *extra))
+    train(_cfg(split, synthetic, "--steps=4", "--resume=true", *extra))
     a, b = _losses(straight), _losses(split)
     assert len(a) == len(b) == 4
     assert np.allclose(a, b, rtol=0, atol=1e-6), (a, b)
@@ -84,9 +90,18 @@ def test_lora_saves_only_the_adapter(tmp_path: Path, synthetic: Path) -> None:
     assert not any(k.startswith("backbone.") and "lora_" not in k for k in adapter), "base weights leaked in"
     base = VLAPolicy.from_pretrained(out / "lora_base")
     tuned = VLAPolicy.from_pretrained(ckpt)
-    # The frozen base weights are untouched; the adapter and the head changed.
+    # LoRA's B starts at zero: non-zero means the adapter trained. The head trained too; the base did not.
+    assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in adapter.items())
     w = "backbone.blocks.0.q_proj"
     assert torch.equal(base.state_dict()[f"{w}.weight"], tuned.state_dict()[f"{w}.base_layer.weight"])
+    assert not torch.equal(base.state_dict()["head.action_out.weight"], tuned.state_dict()["head.action_out.weight"])
+    # The adapter points at its base by a relative path: the whole output folder can move.
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.move(str(out), moved)
+    again = VLAPolicy.from_pretrained(moved / ckpt.relative_to(out))
+    assert torch.equal(again.state_dict()["head.action_out.weight"], tuned.state_dict()["head.action_out.weight"])
     raw = _raw_obs(tuned, ["observation.images.cam0"])
     assert np.isfinite(tuned.predict_action_chunk(raw)).all()
 
@@ -102,3 +117,17 @@ def test_video_dataset_with_two_cameras_trains(tmp_path: Path) -> None:
     assert policy.preprocessor.camera_map == {cams[0]: "cam0", cams[1]: "cam1"}
     chunk = policy.predict_action_chunk(_raw_obs(policy, list(cams)))
     assert chunk.shape == (policy.config.chunk_size, 3) and np.isfinite(chunk).all()
+
+
+def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path: Path, synthetic: Path) -> None:
+    train(_cfg(tmp_path / "run", synthetic, "--steps=1"))
+    with pytest.raises(FileExistsError, match="--resume=true"):
+        train(_cfg(tmp_path / "run", synthetic, "--steps=1"))
+
+
+def test_init_from_checks_the_architecture(tmp_path: Path, synthetic: Path) -> None:
+    ckpt = train(_cfg(tmp_path / "a", synthetic, "--steps=1"))
+    # Same architecture, different execution settings: fine-tunes.
+    train(_cfg(tmp_path / "b", synthetic, "--steps=1", f"--init_from={ckpt}", "--head.num_steps=2"))
+    with pytest.raises(ValueError, match=r"head.width: checkpoint 32, run 16"):
+        train(_cfg(tmp_path / "c", synthetic, "--steps=1", f"--init_from={ckpt}", "--head.width=16"))

@@ -60,19 +60,29 @@ def save_checkpoint(
     write_model(tmp / MODEL_DIR)
     torch.save(training_state, tmp / TRAINING_STATE)
     (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
+    trash = None
+    if final.exists():  # re-saving a step: move the old copy aside first, delete it only afterwards
+        trash = ckpt_root / f".trash_{final.name}_{os.getpid()}"
+        os.replace(final, trash)
     os.replace(tmp, final)
     link_tmp = ckpt_root / f".last_{os.getpid()}"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
     link_tmp.symlink_to(final.name)
     os.replace(link_tmp, ckpt_root / LAST)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
     if keep_last > 0:
-        steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
-        for old in steps[:-keep_last]:
+        # Only checkpoints OLDER than the one just written are candidates: never the newest.
+        older = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and p.name < final.name)
+        for old in older[: max(0, len(older) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def latest_step_dir(ckpt_root: Path) -> Path | None:
+    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    return steps[-1] if steps else None
 
 
 def load_training_state(ckpt: Path) -> dict[str, Any]:

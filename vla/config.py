@@ -100,8 +100,9 @@ class LoraConfig:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    # Module-name regex inside the backbone that LoRA wraps; the head always trains fully.
-    target_modules: str = r".*(q_proj|k_proj|v_proj|o_proj|qkv|proj_out).*"
+    # Module-name regex inside the backbone that LoRA wraps (None = the backbone's own `lora_targets()`:
+    # the language model's attention projections); the head always trains fully.
+    target_modules: str | None = None
 
 
 @dataclass

@@ -6,6 +6,7 @@ next to a pointer to the frozen base policy checkpoint it applies to.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -45,7 +46,9 @@ def save_adapter_checkpoint(policy, path: Path, base: str, cfg: LoraConfig) -> N
     from vla.policy import PREPROCESSOR_NAME
 
     path.mkdir(parents=True, exist_ok=True)
-    meta = {"base_checkpoint": str(Path(base).resolve()), "r": cfg.r, "alpha": cfg.alpha,
+    # Relative to the adapter folder, so a copied or moved output folder keeps working.
+    rel = os.path.relpath(Path(base).resolve(), path.resolve())
+    meta = {"base_checkpoint": rel, "r": cfg.r, "alpha": cfg.alpha,
             "dropout": cfg.dropout, "target_modules": cfg.target_modules or policy.backbone.lora_targets()}
     (path / ADAPTER_CONFIG_NAME).write_text(json.dumps(meta, indent=2))
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable_state_dict(policy).items()},
@@ -54,24 +57,29 @@ def save_adapter_checkpoint(policy, path: Path, base: str, cfg: LoraConfig) -> N
         (path / PREPROCESSOR_NAME).write_text(json.dumps(policy.preprocessor.state_dict(), indent=1))
 
 
-def load_adapter_checkpoint(path: Path, device: str | torch.device = "cpu"):
-    """Base policy checkpoint + this adapter -> a ready policy."""
+def load_adapter_weights(policy, file: Path) -> None:
+    """Load adapter tensors into a policy that already has LoRA applied; keys must match exactly."""
     from safetensors.torch import load_file
 
+    weights = load_file(str(file))
+    _, unexpected = policy.load_state_dict(weights, strict=False)
+    missing = sorted(set(trainable_state_dict(policy)) - set(weights))
+    if unexpected or missing:
+        raise RuntimeError(f"adapter {file}: unexpected keys {unexpected[:5]}, missing keys {missing[:5]}")
+
+
+def load_adapter_checkpoint(path: Path, device: str | torch.device = "cpu"):
+    """Base policy checkpoint + this adapter -> a ready policy."""
     from vla.policy import PREPROCESSOR_NAME, VLAPolicy
 
     meta = json.loads((path / ADAPTER_CONFIG_NAME).read_text())
-    base = Path(meta["base_checkpoint"])
+    base = (path / meta["base_checkpoint"]).resolve()
     if not base.exists():
         raise FileNotFoundError(f"adapter {path} needs its base checkpoint {base}, which does not exist")
     policy = VLAPolicy.from_pretrained(base, device="cpu")
     apply_lora(policy, LoraConfig(enabled=True, r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"],
                                   target_modules=meta["target_modules"]))
-    weights = load_file(str(path / ADAPTER_WEIGHTS_NAME))
-    _, unexpected = policy.load_state_dict(weights, strict=False)
-    expected = set(trainable_state_dict(policy))
-    if unexpected or expected - set(weights):
-        raise RuntimeError(f"adapter {path}: unexpected {unexpected[:5]}, missing {sorted(expected - set(weights))[:5]}")
+    load_adapter_weights(policy, path / ADAPTER_WEIGHTS_NAME)
     if (path / PREPROCESSOR_NAME).exists():
         from vla.data.processor import Preprocessor
 

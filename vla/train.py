@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vla.checkpoint import LAST, MODEL_DIR, load_training_state, rng_state, save_checkpoint, set_rng_state
-from vla.config import TrainConfig, to_dict
+from vla.checkpoint import (LAST, MODEL_DIR, latest_step_dir, load_training_state, rng_state, save_checkpoint,
+                            set_rng_state)
+from vla.config import PolicyConfig, TrainConfig, to_dict
 from vla.policy import VLAPolicy
 from vla.sampler import ResumableBatchSampler
 from vla.schedule import make_optimizer
@@ -66,23 +67,29 @@ def train(cfg: TrainConfig) -> Path:
     dataset, spec, stats = build_data(cfg)
 
     # 3. The policy (backbone + head + preprocessor), optionally from a checkpoint, optionally LoRA.
+    #    LoRA adapters are saved alone and point at a frozen base checkpoint written once (lora_base).
     from vla.data.processor import Preprocessor
 
+    existing = latest_step_dir(ckpt_root)
+    if existing is not None and not cfg.resume:
+        raise FileExistsError(f"output_dir {out} already has checkpoints (latest: {existing.name}); pass "
+                              "--resume=true to continue that run, or choose another --output_dir")
+    lora_base = (Path(cfg.init_from) if cfg.init_from else out / "lora_base") if cfg.lora.enabled else None
     if cfg.init_from:
         policy = VLAPolicy.from_pretrained(cfg.init_from)
-        policy.config = cfg.policy  # chunking/execution settings follow this run
+        check_same_architecture(policy.config, cfg.policy, cfg.init_from)
+        policy.config = cfg.policy  # execution settings (n_action_steps, num_steps, ...) follow this run
+    elif lora_base is not None and (lora_base / "config.json").exists():
+        policy = VLAPolicy.from_pretrained(lora_base)  # resuming: the frozen base exactly as saved
     else:
         policy = VLAPolicy(cfg.policy)
     policy.preprocessor = Preprocessor.from_dataset(cfg.policy, cfg.dataset, spec, stats, policy.backbone.tokenize)
     log.info("dataset: %d frames, %d episodes, cameras %s, state %d, action %d", spec.num_frames,
              spec.num_episodes, policy.preprocessor.camera_map, spec.state_dim, spec.action_dim)
-    lora_base = None
-    if cfg.lora.enabled:
+    if lora_base is not None:
         from vla.lora import apply_lora
 
-        # Adapters are saved alone; they point at a frozen base checkpoint written once.
-        lora_base = Path(cfg.init_from) if cfg.init_from else out / "lora_base"
-        if not cfg.init_from and not (lora_base / "config.json").exists():
+        if not (lora_base / "config.json").exists():
             policy.save_pretrained(lora_base)
         apply_lora(policy, cfg.lora)
     policy.to(device).train()
@@ -129,7 +136,7 @@ def train(cfg: TrainConfig) -> Path:
 
     # 5. The loop: grad_accum micro-batches per optimizer step; loss = mean over valid action steps.
     out.mkdir(parents=True, exist_ok=True)
-    log_file = (out / "train_log.jsonl").open("a")
+    log_file = (out / "train_log.jsonl").open("a" if cfg.resume else "w")
     last_step = cfg.steps if cfg.stop_after is None else min(cfg.steps, step + cfg.stop_after)
     from tqdm.auto import tqdm
 
@@ -178,12 +185,29 @@ def train(cfg: TrainConfig) -> Path:
 
 def _load_weights(policy: VLAPolicy, path: Path) -> None:
     """Load the model weights of a training checkpoint into a freshly built policy."""
-    from safetensors.torch import load_file
-
-    from vla.lora import ADAPTER_WEIGHTS_NAME
+    from vla.lora import ADAPTER_WEIGHTS_NAME, load_adapter_weights
     from vla.policy import WEIGHTS_NAME, load_weights
 
     if (path / ADAPTER_WEIGHTS_NAME).exists():
-        policy.load_state_dict(load_file(str(path / ADAPTER_WEIGHTS_NAME)), strict=False)
+        load_adapter_weights(policy, path / ADAPTER_WEIGHTS_NAME)
     else:
         load_weights(policy, path / WEIGHTS_NAME)
+
+
+# Head/backbone fields that change behaviour at run time but not the weights' shapes or meaning.
+_EXECUTION_FIELDS = {"num_steps", "freeze_vision", "freeze_language", "pretrained_vision"}
+
+
+def check_same_architecture(have: PolicyConfig, want: PolicyConfig, source: str) -> None:
+    """``--init_from`` must match the run's architecture; otherwise config.json and weights disagree."""
+    diffs = []
+    for part in ("backbone", "head"):
+        a, b = to_dict(getattr(have, part)), to_dict(getattr(want, part))
+        diffs += [f"{part}.{k}: checkpoint {a.get(k)!r}, run {b.get(k)!r}"
+                  for k in sorted(set(a) | set(b)) if k not in _EXECUTION_FIELDS and a.get(k) != b.get(k)]
+    for k in ("chunk_size", "max_state_dim", "max_action_dim", "cameras"):
+        if getattr(have, k) != getattr(want, k):
+            diffs.append(f"{k}: checkpoint {getattr(have, k)!r}, run {getattr(want, k)!r}")
+    if diffs:
+        raise ValueError(f"--init_from={source} has a different architecture than this run's config: "
+                         + "; ".join(diffs) + ". Use the checkpoint's preset/fields.")

@@ -8,38 +8,12 @@ from __future__ import annotations
 import html
 import json
 import os
-import shlex
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-
-def git_commit(cwd: Path | str | None = None) -> str:
-    """HEAD's hash (+ "-dirty" when files changed), or "uncommitted working tree" when there is none."""
-    cwd = cwd or Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        if head.returncode != 0 or not head.stdout.strip():
-            return "uncommitted working tree"
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "uncommitted working tree"
-
-
-def command_line() -> str:
-    """The command that started this process, as a user would type it ("vla eval metaworld ...",
-    "python -m benchmarks.metaworld.evaluate ...")."""
-    argv = list(sys.argv)
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is not None and spec.name:
-        argv[0:1] = ["python", "-m", spec.name.removesuffix(".__main__")]
-    elif argv:
-        argv[0] = os.path.basename(argv[0])
-    return shlex.join(argv)
+from benchmarks.common import command_line, git_commit  # noqa: F401  (re-exported)
 
 
 def write_mp4(observations: Sequence[dict[str, Any]], cameras: Sequence[str], path: Path, fps: int) -> Path:

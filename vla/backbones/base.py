@@ -25,6 +25,9 @@ class KVSpec:
     num_kv_heads: int
     head_dim: int
     rope_theta: float = 10000.0
+    # "default" = plain RoPE on 1-D positions (what action experts apply to their own tokens); "mrope" is
+    # fine too (text/suffix positions are equal on its axes). Scaled variants (llama3, yarn, ...) are not.
+    rope_type: str = "default"
 
 
 class Backbone(nn.Module):

@@ -156,6 +156,7 @@ class HFVLMBackbone(Backbone):
             num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
             head_dim=int(getattr(text, "head_dim", None) or self.hidden_size // heads),
             rope_theta=float(rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))),
+            rope_type=str(rope.get("rope_type", "default")),
         )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._lm_eager = text._attn_implementation == "eager"

