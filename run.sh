@@ -55,7 +55,11 @@ setup() {
     echo "[setup] done" >&2
 }
 
-pip_quiet() { "$@" 2> >(grep -vE "is ignored: it is neither a file nor a directory|BuildBackendWarning|^\s*!!|\*\*\*|corresp\(dist|^\s*$" >&2); }
+# pip's noise here: warnings about this machine's local mirrors, setuptools deprecations, and the
+# resolver's complaint about lerobot's own pins (expected: lerobot is installed with --no-deps).
+pip_quiet() {
+    "$@" 2> >(grep -vE "is ignored: it is neither a file nor a directory|BuildBackendWarning|^\s*!!|\*\*\*|corresp\(dist|^\s*$|^lerobot 0\.4\.4 requires|dependency resolver does not currently" >&2)
+}
 
 cmd=${1:-}
 shift || true

@@ -1,8 +1,12 @@
 """Config parsing: presets + CLI overrides, choice switching, and unknown names with suggestions."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import pytest
 
+from action_tokenizers.base import TokenizerConfig
+from robots.base import RobotConfig
 from vla.config import PolicyConfig, TrainConfig, from_dict, parse_config, to_dict
 from vla.presets import PRESETS, get_preset
 from vla.registry import UnknownNameError
@@ -53,3 +57,20 @@ def test_presets_round_trip_through_dicts(name: str) -> None:
     again = from_dict(TrainConfig, to_dict(cfg))
     assert to_dict(again) == to_dict(cfg)
     assert isinstance(from_dict(PolicyConfig, to_dict(cfg.policy)), PolicyConfig)
+
+
+
+@dataclass
+class _PluginCfg:  # module level: draccus resolves the (string) annotations in module globals
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig.get_choice_class("fast")())
+    robot: RobotConfig = field(default_factory=lambda: RobotConfig.get_choice_class("mock")())
+
+
+def test_plugin_choice_fields_are_checked_too() -> None:
+    """Registries outside vla (tokenizers, robots) get the same unknown-name message."""
+    cfg = parse_config(_PluginCfg, _PluginCfg(), ["--tokenizer.type=uniform"])
+    assert cfg.tokenizer.type == "uniform"
+    with pytest.raises(UnknownNameError, match="Did you mean 'fast'"):
+        parse_config(_PluginCfg, _PluginCfg(), ["--tokenizer.type=fsat"])
+    with pytest.raises(UnknownNameError, match="Did you mean 'mock'"):
+        parse_config(_PluginCfg, _PluginCfg(), ["--robot.type=mokc"])

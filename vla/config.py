@@ -138,7 +138,14 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # Parsing: a preset supplies the defaults, CLI flags override them.
 
-_CHOICE_FIELDS = {"backbone": BackboneConfig, "head": HeadConfig}
+# Config fields that are draccus choice registries, by field name: `--<name>.type=x` is checked
+# against the registered names (with a suggestion) and switching type resets that sub-tree.
+# Packages outside `vla` add theirs with `register_choice_field` (tokenizers, robots, ...).
+_CHOICE_FIELDS: dict[str, type] = {"backbone": BackboneConfig, "head": HeadConfig}
+
+
+def register_choice_field(name: str, base: type) -> None:
+    _CHOICE_FIELDS[name] = base
 # Short CLI aliases: `--head.type=x` means `--policy.head.type=x`.
 _ALIASES = ("backbone", "head")
 

@@ -14,6 +14,7 @@ BUILTIN = (
     "vla.backbones.hf_vlm",
     "policies",
     "action_tokenizers",
+    "robots",
 )
 _loaded = False
 

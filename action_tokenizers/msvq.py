@@ -1,0 +1,204 @@
+"""Multi-scale residual vector quantization of action chunks (CARP).
+
+CARP predicts a chunk coarse-to-fine: first one token for the whole chunk, then 2, 3, 4 tokens that
+each correct what the coarser scales missed. This tokenizer provides those codes:
+
+    x (N, H, A) --1-D conv encoder--> f (N, D, T)          T = scales[-1] latent steps
+    f_hat = 0
+    for s in scales (1, 2, 3, 4):                          coarse to fine
+        r = interpolate(f - f_hat, length s)               what is still missing, seen at scale s
+        k = nearest codebook entries of r                  s codes (one shared codebook, K entries)
+        f_hat += interpolate(codebook[k], length T)        add the correction back at full length
+    x_hat = decoder(f_hat)  (N, H, A)
+
+Codes are the concatenation over scales (1 + 2 + 3 + 4 = 10 tokens), coarse first; ``vocab_size = K``.
+Training (``fit``, seeded, a few hundred Adam steps) minimizes reconstruction MSE + the VQ-VAE
+codebook and commitment terms, with straight-through gradients through the quantizer. The codebook
+is initialized from encoder outputs so no entry starts dead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from action_tokenizers.base import ActionTokenizer, TokenizerConfig
+
+
+@TokenizerConfig.register_subclass("msvq")
+@dataclass
+class MSVQConfig(TokenizerConfig):
+    scales: list[int] = field(default_factory=lambda: [1, 2, 3, 4])  # tokens per scale, coarse to fine
+    codebook_size: int = 256  # K, shared by all scales
+    latent_dim: int = 32  # D
+    hidden: int = 64  # conv channels
+    steps: int = 400
+    batch_size: int = 256
+    lr: float = 2e-3
+    beta: float = 0.25  # commitment weight
+    seed: int = 0
+
+    @classmethod
+    def tiny(cls) -> "MSVQConfig":
+        return cls(codebook_size=32, latent_dim=8, hidden=16, steps=150, batch_size=64, lr=5e-3)
+
+    def build(self) -> "MSVQTokenizer":
+        return MSVQTokenizer(self)
+
+
+def _build_modules(cfg: MSVQConfig, horizon: int, action_dim: int):
+    """Encoder, decoder and codebook as one ``nn.ModuleDict`` (its state dict is what is saved)."""
+    import torch
+    from torch import nn
+
+    import torch.nn.functional as F
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv1d(action_dim, cfg.hidden, 3, padding=1), nn.GELU(),
+                                     nn.Conv1d(cfg.hidden, cfg.hidden, 3, padding=1), nn.GELU(),
+                                     nn.Conv1d(cfg.hidden, cfg.latent_dim, 1))
+
+        def forward(self, x):  # (N, H, A) -> (N, D, T)
+            return F.interpolate(self.net(x.transpose(1, 2)), size=cfg.scales[-1], mode="linear", align_corners=False)
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv1d(cfg.latent_dim, cfg.hidden, 3, padding=1), nn.GELU(),
+                                     nn.Conv1d(cfg.hidden, cfg.hidden, 3, padding=1), nn.GELU(),
+                                     nn.Conv1d(cfg.hidden, action_dim, 1))
+
+        def forward(self, f):  # (N, D, T) -> (N, H, A)
+            return self.net(F.interpolate(f, size=horizon, mode="linear", align_corners=False)).transpose(1, 2)
+
+    return nn.ModuleDict({"encoder": Encoder(), "decoder": Decoder(),
+                          "codebook": nn.Embedding(cfg.codebook_size, cfg.latent_dim)}).double()
+
+
+def _resize(f, length: int):
+    import torch.nn.functional as F
+
+    if f.shape[-1] == length:
+        return f
+    # "area" averages when shrinking (a coarse scale summarizes its span); linear when growing
+    return F.interpolate(f, size=length, mode="area" if length < f.shape[-1] else "linear")
+
+
+class MSVQTokenizer(ActionTokenizer):
+    config: MSVQConfig
+
+    def __init__(self, config: MSVQConfig):
+        if not config.scales or any(s < 1 for s in config.scales) or list(config.scales) != sorted(config.scales):
+            raise ValueError(f"msvq.scales: expected increasing positive token counts, got {config.scales}")
+        if config.codebook_size < 2:
+            raise ValueError(f"msvq.codebook_size: expected >= 2, got {config.codebook_size}")
+        super().__init__(config)
+        self.modules = None  # nn.ModuleDict, built in fit / from_pretrained (needs H and A)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.codebook_size
+
+    @property
+    def num_codes(self) -> int:
+        """L: codes per chunk (sum of the scales)."""
+        return int(sum(self.config.scales))
+
+    def scale_slices(self) -> list[slice]:
+        """Where each scale's codes sit in a code row, coarse first."""
+        ends = np.cumsum(self.config.scales)
+        return [slice(int(e - s), int(e)) for s, e in zip(self.config.scales, ends)]
+
+    # --- quantization ---------------------------------------------------------------------------
+    def _quantize(self, f):
+        """f (N, D, T) -> f_hat (N, D, T), codes (N, L), vq loss (scalar)."""
+        import torch
+
+        book = self.modules["codebook"].weight  # (K, D)
+        T = f.shape[-1]
+        f_hat = torch.zeros_like(f)
+        codes, loss = [], f.new_zeros(())
+        for s in self.config.scales:
+            r = _resize(f - f_hat.detach(), s).transpose(1, 2)  # (N, s, D)
+            k = torch.cdist(r.reshape(-1, r.shape[-1]), book).argmin(-1).view(r.shape[0], s)
+            q = book[k]  # (N, s, D)
+            # codebook term pulls entries to the residuals; commitment keeps the encoder near the entries
+            loss = loss + ((q - r.detach()) ** 2).mean() + self.config.beta * ((r - q.detach()) ** 2).mean()
+            q_st = r + (q - r).detach()  # straight-through: forward uses q, gradient flows to r
+            f_hat = f_hat + _resize(q_st.transpose(1, 2), T)
+            codes.append(k)
+        return f_hat, torch.cat(codes, dim=1), loss
+
+    def _codes_to_latent(self, codes):
+        import torch
+
+        book = self.modules["codebook"].weight
+        f_hat = torch.zeros(codes.shape[0], book.shape[1], self.config.scales[-1], dtype=book.dtype)
+        for sl in self.scale_slices():
+            f_hat = f_hat + _resize(book[codes[:, sl]].transpose(1, 2), self.config.scales[-1])
+        return f_hat
+
+    # --- fit / encode / decode ------------------------------------------------------------------
+    def _fit(self, x: np.ndarray) -> None:
+        import torch
+
+        cfg = self.config
+        g = torch.Generator().manual_seed(cfg.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.modules = _build_modules(cfg, self.horizon, self.action_dim)
+        data = torch.from_numpy(x)
+        with torch.no_grad():  # codebook init: encoder outputs at random positions, scaled to residual size
+            f = self.modules["encoder"](data[torch.randperm(len(data), generator=g)[:1024]])
+            pts = f.transpose(1, 2).reshape(-1, f.shape[1])
+            idx = torch.randint(len(pts), (cfg.codebook_size,), generator=g)
+            self.modules["codebook"].weight.copy_(pts[idx])
+        opt = torch.optim.Adam(self.modules.parameters(), lr=cfg.lr)
+        self.modules.train()
+        for step in range(cfg.steps):
+            batch = data[torch.randint(len(data), (min(cfg.batch_size, len(data)),), generator=g)]
+            f_hat, _, vq_loss = self._quantize(self.modules["encoder"](batch))
+            loss = ((self.modules["decoder"](f_hat) - batch) ** 2).mean() + vq_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for group in opt.param_groups:  # cosine decay: the last steps settle the codebook
+                group["lr"] = cfg.lr * 0.5 * (1 + np.cos(np.pi * (step + 1) / cfg.steps))
+        self.modules.eval()
+        self.modules.requires_grad_(False)
+
+    def _encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        with torch.no_grad():
+            _, codes, _ = self._quantize(self.modules["encoder"](torch.from_numpy(x)))
+        codes = codes.numpy()
+        return codes, np.ones(codes.shape, dtype=bool)
+
+    def _decode(self, codes: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        valid = self._fixed_length_checks(codes, mask, self.num_codes, self.config.codebook_size)
+        safe = torch.from_numpy(np.where(valid[:, None], codes, 0))
+        with torch.no_grad():
+            out = self.modules["decoder"](self._codes_to_latent(safe))
+        return out.numpy(), valid
+
+    def decode_latent(self, f_hat):
+        """Decoder only: latent ``(N, D, T)`` tensor -> actions ``(N, H, A)`` tensor (for heads that
+        predict codes scale by scale and want the partial reconstruction)."""
+        return self.modules["decoder"](f_hat.to(self.modules["codebook"].weight.dtype))
+
+    # --- persistence ----------------------------------------------------------------------------
+    def _state(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy() for k, v in self.modules.state_dict().items()}
+
+    def _load_state(self, state: dict[str, np.ndarray]) -> None:
+        import torch
+
+        self.modules = _build_modules(self.config, self.horizon, self.action_dim)
+        self.modules.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        self.modules.eval()
+        self.modules.requires_grad_(False)

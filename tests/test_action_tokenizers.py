@@ -1,0 +1,217 @@
+"""Action tokenizers: the generic contract over the registry, then each tokenizer's own guarantees."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from action_tokenizers import ActionTokenizer, make_chunks, tokenizer_config_class, tokenizer_names
+from action_tokenizers.fast import dct_dequantize, dct_quantize
+from vla.registry import UnknownNameError
+
+H, A = 8, 3
+
+
+def smooth_chunks(n: int = 200, seed: int = 0) -> np.ndarray:
+    """(n, H, A) sinusoid pieces in about [-0.8, 0.8]: smooth like real action chunks."""
+    rng = np.random.default_rng(seed)
+    t = np.linspace(0, 1, H)[None, :, None]
+    return 0.8 * np.sin(2 * np.pi * (t * rng.uniform(0.3, 1.0, (n, 1, A)) + rng.uniform(0, 1, (n, 1, A))))
+
+
+DATA = smooth_chunks()
+
+
+@functools.lru_cache(maxsize=None)
+def fitted(name: str) -> ActionTokenizer:
+    tok = tokenizer_config_class(name).tiny().build()
+    tok.fit(DATA)
+    return tok
+
+
+def test_registry_has_the_four_tokenizers():
+    assert {"uniform", "adaptive_grid", "fast", "msvq"} <= set(tokenizer_names())
+
+
+@pytest.mark.parametrize("name", tokenizer_names())
+def test_contract_round_trip_and_save_load(name, tmp_path):
+    tok = fitted(name)
+    codes, mask = tok.encode(DATA)
+    assert codes.dtype == np.int64 and mask.dtype == bool and codes.shape == mask.shape and codes.shape[0] == len(DATA)
+    assert (codes[mask] >= 0).all() and (codes[mask] < tok.vocab_size).all()
+    actions, valid = tok.decode(codes, mask)
+    assert actions.shape == DATA.shape and valid.all() and np.isfinite(actions).all()
+    # torch input gives the same codes
+    codes_t, _ = tok.encode(torch.from_numpy(DATA))
+    np.testing.assert_array_equal(codes_t, codes)
+
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = ActionTokenizer.from_pretrained(tmp_path / "tok")
+    assert type(loaded) is type(tok) and loaded.config == tok.config and loaded.vocab_size == tok.vocab_size
+    codes2, mask2 = loaded.encode(DATA)
+    np.testing.assert_array_equal(codes2, codes)
+    np.testing.assert_array_equal(mask2, mask)
+    np.testing.assert_array_equal(loaded.decode(codes, mask)[0], actions)
+
+
+@pytest.mark.parametrize("name", tokenizer_names())
+def test_contract_padded_row_is_invalid_and_nan(name):
+    tok = fitted(name)
+    codes, mask = tok.encode(DATA[:4])
+    mask = mask.copy()
+    mask[1, :] = False  # nothing left to decode in row 1
+    actions, valid = tok.decode(codes, mask)
+    assert valid.tolist() == [True, False, True, True]
+    assert np.isnan(actions[1]).all() and np.isfinite(actions[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("name", tokenizer_names())
+def test_contract_bad_input_is_a_clear_error(name):
+    tok = fitted(name)
+    with pytest.raises(ValueError, match=r"\(N, 8, 3\)"):
+        tok.encode(np.zeros((2, H, A + 1)))
+    bad = DATA[:2].copy()
+    bad[1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match="non-finite.*chunk 1, step 2, dim 0"):
+        tok.encode(bad)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        tokenizer_config_class(name).tiny().build().encode(DATA)
+
+
+def test_unknown_type_lists_known_names(tmp_path):
+    with pytest.raises(UnknownNameError, match=r"known tokenizers: adaptive_grid, fast, msvq, uniform.*'fast'"):
+        tokenizer_config_class("fsat")
+    fitted("uniform").save_pretrained(tmp_path)
+    cfg = (tmp_path / "tokenizer_config.json").read_text().replace('"uniform"', '"unifrom"')
+    (tmp_path / "tokenizer_config.json").write_text(cfg)
+    with pytest.raises(UnknownNameError, match="Did you mean 'uniform'"):
+        ActionTokenizer.from_pretrained(tmp_path)
+
+
+def test_uniform_error_within_half_bin_and_invalid_codes():
+    tok = fitted("uniform")
+    x = np.clip(DATA, tok.low, tok.high)  # "in range": inside the q01..q99 grid
+    y, valid = tok.decode(*tok.encode(x))
+    assert valid.all()
+    assert (np.abs(y - x) <= tok.bin_width / 2 + 1e-12).all()
+    assert (np.abs(y - x) > tok.bin_width / 4).any()  # the bound is not trivially loose
+    codes, mask = tok.encode(DATA[:3])
+    codes[0, 5] = tok.vocab_size  # out of range
+    codes[2, 0] = -1
+    assert tok.decode(codes, mask)[1].tolist() == [False, True, False]
+    with pytest.raises(ValueError, match="exactly 24 codes"):
+        tok.decode(codes[:, :-1])
+
+
+def test_adaptive_grid_bins_equal_probability_and_half_bin_error():
+    rng = np.random.default_rng(1)
+    x = rng.normal([0.2, -0.5, 0.0], [0.3, 0.1, 1e-9], size=(400, H, A))  # dim 2 is constant: sigma floor
+    tok = tokenizer_config_class("adaptive_grid")(n_bins=16).build()
+    tok.fit(x)
+    codes, mask = tok.encode(x)
+    counts = np.bincount(codes[:, 0::A].ravel(), minlength=16)  # dim 0 tokens
+    assert counts.min() > 0.6 * counts.mean() and counts.max() < 1.4 * counts.mean()
+    y, valid = tok.decode(codes, mask)
+    assert valid.all() and np.isfinite(y).all()
+    e = tok.edges  # (A, n+1)
+    k = codes.reshape(-1, H, A) - np.arange(A) * 16
+    width = e[np.arange(A), k + 1] - e[np.arange(A), k]
+    inside = (x >= e[:, 0]) & (x <= e[:, -1])
+    assert (np.abs(y - x)[inside] <= width[inside] / 2 + 1e-12).all()
+    # a code from another dimension's token set, or beyond the vocabulary, is invalid
+    bad = codes[:3].copy()
+    bad[0, 0] = 16 + 3  # dimension 1's token at a dimension-0 position
+    bad[1, 1] = tok.vocab_size
+    assert tok.decode(bad, mask[:3])[1].tolist() == [False, False, True]
+
+
+def test_adaptive_grid_conditional_mean_beats_midpoint_on_gaussian_data():
+    x = np.random.default_rng(2).normal(0.0, 0.5, size=(300, H, 1))
+    err = {}
+    for centre in ("midpoint", "conditional_mean"):
+        tok = tokenizer_config_class("adaptive_grid")(n_bins=8, centre=centre).build()
+        tok.fit(x)
+        err[centre] = ((tok.decode(*tok.encode(x))[0] - x) ** 2).mean()
+    assert err["conditional_mean"] < err["midpoint"]
+
+
+def test_adaptive_grid_refit_interpolates_embeddings_onto_new_centres():
+    tok = tokenizer_config_class("adaptive_grid")(n_bins=16).build()
+    tok.fit(DATA)
+    old_c = tok.centres.copy()  # (A, n)
+    # an embedding that is exactly linear in the bin's value: interpolation must reproduce it exactly
+    old_emb = np.stack([old_c.ravel(), 2 * old_c.ravel() + 1], axis=1)  # (A * n, 2)
+    new_emb = tok.refit(DATA * 0.5 + 0.1, old_emb)
+    new_c = np.clip(tok.centres, old_c[:, :1], old_c[:, -1:]).ravel()  # clamped to the old grid's ends
+    assert not np.allclose(tok.centres, old_c)
+    np.testing.assert_allclose(new_emb[:, 0], new_c, atol=1e-12)
+    np.testing.assert_allclose(new_emb[:, 1], 2 * new_c + 1, atol=1e-12)
+    emb_t = tok.refit(DATA, torch.from_numpy(new_emb).float().requires_grad_())
+    assert isinstance(emb_t, torch.Tensor) and emb_t.shape == (A * 16, 2) and emb_t.requires_grad
+    with pytest.raises(ValueError, match=r"old_embeddings: expected shape \(48, D\)"):
+        tok.refit(DATA, np.zeros((10, 2)))
+
+
+def test_fast_is_exact_up_to_dct_rounding_and_compresses():
+    tok = fitted("fast")
+    codes, mask = tok.encode(DATA)
+    y, valid = tok.decode(codes, mask)
+    assert valid.all()
+    scale = tok.config.scale
+    np.testing.assert_array_equal(y, dct_dequantize(dct_quantize(DATA, scale), scale))  # BPE is lossless
+    # orthonormal DCT: per (chunk, dim) the L2 error is the rounding's, at most sqrt(H) * 0.5 / scale
+    assert (np.linalg.norm(y - DATA, axis=1) <= np.sqrt(H) * 0.5 / scale + 1e-9).all()
+    assert mask.sum(1).mean() < H * A / 1.5  # smooth chunks: far fewer tokens than bins would need
+
+
+def test_fast_garbage_sequences_are_invalid():
+    tok = fitted("fast")
+    codes, mask = tok.encode(DATA[:1])
+    n = int(mask.sum())
+    garbage = np.zeros((4, n + 5), dtype=np.int64)
+    gmask = np.zeros(garbage.shape, dtype=bool)
+    garbage[0, :n] = codes[0, :n]  # the real sequence, padded: valid
+    gmask[0, :n] = True
+    garbage[1, :3] = codes[0, :3]  # truncated: too few coefficients
+    gmask[1, :3] = True
+    garbage[2, : n + 5] = np.r_[codes[0, :n], codes[0, :5]]  # too many coefficients
+    gmask[2] = True
+    garbage[3, :n] = codes[0, :n]
+    garbage[3, 0] = tok.vocab_size + 7  # an id outside the vocabulary
+    gmask[3, :n] = True
+    y, valid = tok.decode(garbage, gmask)
+    assert valid.tolist() == [True, False, False, False]
+    np.testing.assert_array_equal(y[0], tok.decode(codes, mask)[0][0])
+    assert np.isnan(y[1:]).all()
+
+
+def test_fast_vocab_smaller_than_alphabet_is_a_clear_error():
+    tok = tokenizer_config_class("fast")(vocab_size=4).build()
+    with pytest.raises(ValueError, match="fast.vocab_size: .*expected vocab_size >="):
+        tok.fit(DATA)
+
+
+def test_msvq_learns_better_than_the_mean_and_codes_are_coarse_to_fine():
+    tok = fitted("msvq")
+    codes, mask = tok.encode(DATA)
+    assert codes.shape == (len(DATA), 1 + 2 + 3 + 4) and mask.all()
+    assert [s.stop - s.start for s in tok.scale_slices()] == [1, 2, 3, 4]
+    y, valid = tok.decode(codes, mask)
+    baseline = ((DATA - DATA.mean(0)) ** 2).mean()
+    assert valid.all() and ((y - DATA) ** 2).mean() < 0.5 * baseline
+    # the codebook is used, not collapsed onto one entry
+    assert len(np.unique(codes[:, 0])) > 1
+    bad = codes[:2].copy()
+    bad[0, -1] = tok.vocab_size
+    assert tok.decode(bad)[1].tolist() == [False, True]
+
+
+def test_make_chunks_never_crosses_episodes():
+    actions = np.arange(10, dtype=float)[:, None]
+    ep = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    chunks = make_chunks(actions, ep, horizon=3)
+    assert chunks[..., 0].tolist() == [[0, 1, 2], [1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    with pytest.raises(ValueError, match="no episode has 5 frames"):
+        make_chunks(actions, ep, horizon=5)
