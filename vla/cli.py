@@ -4,6 +4,7 @@
     vla presets                                          list presets
     vla data metaworld ...                               generate MetaWorld demonstrations
     vla eval metaworld --policy PATH ...                 closed-loop MetaWorld evaluation
+    vla tokenizer fit --tokenizer.type=fast --dataset=ROOT --out=DIR   fit an action tokenizer
     vla demo                                             data -> train -> eval -> report (README)
 """
 from __future__ import annotations
@@ -70,6 +71,7 @@ COMMANDS = {
     "presets": cmd_presets,
     "data": _sub({"metaworld": "benchmarks.metaworld.generate"}, "data"),
     "eval": _sub({"metaworld": "benchmarks.metaworld.evaluate"}, "eval"),
+    "tokenizer": lambda argv: int(__import__("action_tokenizers.fit", fromlist=["main"]).main(argv) or 0),
     "demo": lambda argv: int(__import__("benchmarks.demo", fromlist=["main"]).main(argv) or 0),
 }
 
