@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--episodes", type=int, default=20, help="expert episodes per task for training data")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the metaworld-demo preset)")
     p.add_argument("--eval-episodes", type=int, default=5, help="evaluation episodes per task")
+    p.add_argument("--max-steps", type=int, default=500, help="evaluation episode limit (MetaWorld's own: 500)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo 3/3] evaluating {args.eval_episodes} episodes per task -> {report_dir}")
     t = time.time()
     results = evaluate(str(ckpt), args.tasks, args.eval_episodes, seed=args.seed + 1000, workers=args.workers,
-                       video_dir=report_dir / "videos")
+                       max_steps=args.max_steps, video_dir=report_dir / "videos")
     stages["eval_s"] = time.time() - t
     demo = {**provenance(started), "stages_s": {k: round(v, 1) for k, v in stages.items()},
             "checkpoint": str(ckpt), "train_steps": cfg.steps, "train_batch_size": cfg.batch_size}
