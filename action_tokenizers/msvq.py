@@ -48,7 +48,6 @@ class MSVQConfig(TokenizerConfig):
 
 def _build_modules(cfg: MSVQConfig, horizon: int, action_dim: int):
     """Encoder, decoder and codebook as one ``nn.ModuleDict`` (its state dict is what is saved)."""
-    import torch
     from torch import nn
 
     import torch.nn.functional as F

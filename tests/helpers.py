@@ -1,7 +1,6 @@
 """Shared builders for tests: tiny policies and random observations."""
 from __future__ import annotations
 
-import torch
 
 from vla.config import BackboneConfig, HeadConfig, PolicyConfig
 from vla.plugins import load_plugins

@@ -28,13 +28,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from vla.data.dataset import IMAGE_PREFIX
+
 from .env import ACTION_DIM, DEFAULT_CAMERA, check_cameras
 from .report import command_line
 from .tasks import resolve_tasks, variations
 from .workers import get_env, run_jobs
 
 DEFAULT_MAX_STEPS = 500  # MetaWorld's own episode limit (LeRobot's wrapper uses 400)
-IMAGE_PREFIX = "observation.images."
 VIDEO_FPS = 30  # MetaWorld acts at 80 Hz: videos play ~2.7x slower than real time, easier to follow
 
 

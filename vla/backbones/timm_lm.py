@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from vla.backbones.base import Backbone, KVSpec, positions_from_mask
 from vla.backbones.tokenizers import PAD_ID, make_tokenizer, pad_batch
 from vla.config import BackboneConfig
-from vla.nn import Block, RMSNorm, attend, prefix_attention_mask, sincos_2d
+from vla.nn import Block, RMSNorm, prefix_attention_mask, sincos_2d
 from vla.types import Observation, Prefix
 
 EFFICIENTNET_LITE0 = "tf_efficientnet_lite0"
