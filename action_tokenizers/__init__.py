@@ -11,4 +11,4 @@ from action_tokenizers.base import (  # noqa: F401
     tokenizer_names,
 )
 from action_tokenizers import adaptive_grid, fast, msvq, uniform  # noqa: F401,E402  (register)
-from action_tokenizers.chunks import chunks_from_dataset, make_chunks  # noqa: F401,E402
+from vla.data.chunks import chunks_from_dataset, make_chunks  # noqa: F401,E402  (re-exported)

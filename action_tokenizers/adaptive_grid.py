@@ -54,6 +54,7 @@ def _norm_pdf(z: np.ndarray) -> np.ndarray:
 
 class AdaptiveGridTokenizer(ActionTokenizer):
     config: AdaptiveGridConfig
+    codes_per_step = True
 
     def __init__(self, config: AdaptiveGridConfig):
         if config.n_bins < 2:
@@ -115,6 +116,12 @@ class AdaptiveGridTokenizer(ActionTokenizer):
         k = np.where(in_dim, c - np.arange(A) * n, 0)
         out = self.centres[np.arange(A), k]  # (N, H, A)
         return out, valid
+
+    def allowed_codes(self, length: int) -> np.ndarray:
+        """Position ``i`` holds a token of dimension ``i % A``: ids ``[a * n, (a + 1) * n)``."""
+        self._require_fitted("allowed_codes")
+        dim_of_id = np.arange(self.vocab_size) // self.config.n_bins  # (V,)
+        return dim_of_id[None, :] == (np.arange(length) % self.action_dim)[:, None]
 
     def refit(self, new_actions: Any, old_embeddings: Any) -> Any:
         """Fit to ``new_actions`` (N, H, A) and map ``old_embeddings`` (A * n_bins, D) — one row per

@@ -156,6 +156,17 @@ class ActionTokenizer:
         pass
 
     # --- helpers --------------------------------------------------------------------------------
+    # Codes laid out one (step, dim) per position, time-major (``t * A + a``): a step's loss is its own
+    # codes' loss. False for tokenizers whose codes describe the whole chunk (FAST, multi-scale VQ).
+    codes_per_step: bool = False
+    # Every chunk takes the same number of codes (False for FAST: BPE lengths vary, heads add an EOS).
+    fixed_length: bool = True
+
+    def allowed_codes(self, length: int) -> np.ndarray | None:
+        """(length, vocab_size) bool: which ids may appear at each position (None = any id anywhere).
+        Heads mask their logits with it so that sampling cannot produce an undecodable row."""
+        return None
+
     def _require_fitted(self, what: str) -> None:
         if not self.is_fitted:
             raise RuntimeError(f"{type(self).__name__}.{what}: the tokenizer is not fitted; call fit(actions) "

@@ -64,6 +64,7 @@ def dct_dequantize(q: np.ndarray, scale: float) -> np.ndarray:
 
 
 class FastTokenizer(ActionTokenizer):
+    fixed_length = False
     config: FastConfig
 
     def __init__(self, config: FastConfig):

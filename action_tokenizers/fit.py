@@ -33,7 +33,7 @@ class FitConfig:
 
 
 def fit(cfg: FitConfig) -> dict:
-    from action_tokenizers.chunks import chunks_from_dataset
+    from vla.data.chunks import chunks_from_dataset
     from vla.data.normalize import Normalizer
     from vla.data.stats import compute_stats, save_stats
 

@@ -185,6 +185,35 @@ class MSVQTokenizer(ActionTokenizer):
             out = self.modules["decoder"](self._codes_to_latent(safe))
         return out.numpy(), valid
 
+    # --- scale-by-scale access for the coarse-to-fine head (torch tensors in, torch tensors out) -----
+    def empty_latent(self, n: int):
+        """(n, D, T) zeros: the reconstruction before any scale is known."""
+        import torch
+
+        book = self.modules["codebook"].weight
+        return torch.zeros(n, book.shape[1], self.config.scales[-1], dtype=book.dtype)
+
+    def add_scale(self, f_hat, scale_codes):
+        """f_hat (N, D, T) + the codes of one scale (N, s) -> f_hat with that scale's correction added."""
+        book = self.modules["codebook"].weight
+        q = book[scale_codes.cpu()].transpose(1, 2)  # (N, D, s)
+        return f_hat + _resize(q, self.config.scales[-1])
+
+    def scale_input(self, f_hat, k: int):
+        """What scale ``k`` is predicted from: the reconstruction so far, seen at that scale -> (N, s_k, D)."""
+        return _resize(f_hat, self.config.scales[k]).transpose(1, 2)
+
+    def teacher_inputs(self, codes):
+        """Codes (N, L) of a real chunk -> (N, L, D): each scale's input computed from the coarser scales'
+        true codes (scale 0's input is all zeros), for training all scales in one pass."""
+        import torch
+
+        f_hat, parts = self.empty_latent(codes.shape[0]), []
+        for k, sl in enumerate(self.scale_slices()):
+            parts.append(self.scale_input(f_hat, k))
+            f_hat = self.add_scale(f_hat, codes[:, sl])
+        return torch.cat(parts, dim=1)
+
     def decode_latent(self, f_hat):
         """Decoder only: latent ``(N, D, T)`` tensor -> actions ``(N, H, A)`` tensor (for heads that
         predict codes scale by scale and want the partial reconstruction)."""

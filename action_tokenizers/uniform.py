@@ -33,6 +33,7 @@ class UniformConfig(TokenizerConfig):
 
 class UniformTokenizer(ActionTokenizer):
     config: UniformConfig
+    codes_per_step = True
 
     def __init__(self, config: UniformConfig):
         if config.n_bins < 2:

@@ -27,3 +27,13 @@ def tiny_policy_config(backbone: BackboneConfig, head: HeadConfig, **kw) -> Poli
                 cameras=["cam0", "cam1"], image_size=32, max_prompt_len=24)
     base.update(kw)
     return PolicyConfig(backbone=backbone, head=head, **base)
+
+
+def fit_head(policy, num: int = 64, seed: int = 0) -> None:
+    """Token heads need a fitted action tokenizer: fit it on random normalized chunks (no-op otherwise)."""
+    import numpy as np
+
+    if hasattr(policy.head, "fit_tokenizer"):
+        cfg = policy.config
+        rng = np.random.default_rng(seed)
+        policy.head.fit_tokenizer(rng.standard_normal((num, cfg.chunk_size, cfg.max_action_dim)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import backbone_variants, head_variants, random_observation, tiny_policy_config
+from tests.helpers import backbone_variants, fit_head, head_variants, random_observation, tiny_policy_config
 from vla.policy import VLAPolicy
 
 BACKBONES = backbone_variants()
@@ -23,6 +23,7 @@ def backbone_id(request):
 def test_head_contract(backbone_id: str, head_name: str) -> None:
     torch.manual_seed(0)
     policy = VLAPolicy(tiny_policy_config(BACKBONES[backbone_id], HEADS[head_name]))
+    fit_head(policy)
     cfg = policy.config
     b, h, a = 2, cfg.chunk_size, cfg.max_action_dim
     obs = random_observation(policy, batch=b)

@@ -196,7 +196,12 @@ def parse_config(cls: type, base: Any | None, args: Sequence[str]) -> Any:
         for p in path[:-1]:
             node = node.setdefault(p, {})
         if isinstance(node.get(path[-1]), dict) and node[path[-1]].get("type") != m.group(3):
-            node[path[-1]] = {"type": m.group(3)}
+            # The new type's full defaults (not just its name): nested choices (a head's tokenizer) then
+            # carry their own `type`, so `--head.tokenizer.steps=20` alone still parses.
+            fresh = {"type": m.group(3)}
+            if kind in _CHOICE_FIELDS:
+                fresh = {**to_dict(_CHOICE_FIELDS[kind].get_choice_class(m.group(3))()), "type": m.group(3)}
+            node[path[-1]] = fresh
     import tempfile
 
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:

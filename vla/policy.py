@@ -23,6 +23,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PREPROCESSOR_NAME = "preprocessor.json"
 ASSETS_DIR = "backbone"
+HEAD_ASSETS_DIR = "head"  # head-owned files that are not tensors (e.g. a fitted FAST tokenizer's BPE)
 
 
 class VLAPolicy(nn.Module):
@@ -121,6 +122,9 @@ class VLAPolicy(nn.Module):
             (path / PREPROCESSOR_NAME).write_text(json.dumps(self.preprocessor.state_dict(), indent=1))
         (path / ASSETS_DIR).mkdir(exist_ok=True)
         self.backbone.save_assets(path / ASSETS_DIR)
+        if hasattr(self.head, "save_assets"):
+            (path / HEAD_ASSETS_DIR).mkdir(exist_ok=True)
+            self.head.save_assets(path / HEAD_ASSETS_DIR)
         return path
 
     @classmethod
@@ -137,6 +141,8 @@ class VLAPolicy(nn.Module):
         config = from_dict(PolicyConfig, json.loads((path / CONFIG_NAME).read_text()))
         policy = cls(config, assets_dir=path / ASSETS_DIR)
         load_weights(policy, path / WEIGHTS_NAME)
+        if hasattr(policy.head, "load_assets"):
+            policy.head.load_assets(path / HEAD_ASSETS_DIR)
         if (path / PREPROCESSOR_NAME).exists():
             from vla.data.processor import Preprocessor
 

@@ -50,6 +50,16 @@ def build_data(cfg: TrainConfig):
     return dataset, spec, stats
 
 
+def normalized_action_chunks(dataset, preprocessor, horizon: int, max_chunks: int = 20000) -> "np.ndarray":
+    """(N, horizon, A) normalized action windows inside episodes (no padded steps), for fitting tokenizers."""
+    from vla.data.chunks import chunks_from_dataset
+
+    raw = chunks_from_dataset(dataset.root, horizon, key=preprocessor.action_key, max_chunks=max_chunks)
+    with torch.no_grad():
+        norm = preprocessor.normalizer.normalize(preprocessor.action_key, torch.from_numpy(raw).float())
+    return norm.numpy()
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run training; returns the path of the final policy checkpoint."""
     # 1. Determinism and threads.
@@ -85,6 +95,17 @@ def train(cfg: TrainConfig) -> Path:
     policy.preprocessor = Preprocessor.from_dataset(cfg.policy, cfg.dataset, spec, stats, policy.backbone.tokenize)
     log.info("dataset: %d frames, %d episodes, cameras %s, state %d, action %d", spec.num_frames,
              spec.num_episodes, policy.preprocessor.camera_map, spec.state_dim, spec.action_dim)
+    # 3b. Token heads predict the codes of an action tokenizer fitted on this dataset's normalized
+    #     chunks; a resumed run reloads the tokenizer its weights were trained with.
+    if hasattr(policy.head, "fit_tokenizer") and not policy.head.tokenizer.is_fitted:
+        if cfg.resume:
+            from vla.policy import HEAD_ASSETS_DIR
+
+            policy.head.load_assets(ckpt_root / LAST / MODEL_DIR / HEAD_ASSETS_DIR)
+        else:
+            policy.head.fit_tokenizer(normalized_action_chunks(dataset, policy.preprocessor, cfg.policy.chunk_size))
+            log.info("action tokenizer %r fitted: vocabulary %d", policy.head.tokenizer.config.type,
+                     policy.head.tokenizer.vocab_size)
     if lora_base is not None:
         from vla.lora import apply_lora
 

@@ -1,0 +1,135 @@
+"""Coarse-to-fine autoregressive head (CARP): next-SCALE prediction over multi-scale VQ codes.
+
+The ``msvq`` tokenizer describes a chunk with codes at scales (1, 2, 3, 4): one code for the whole
+chunk, then 2, 3, 4 codes that correct what the coarser scales missed. This head predicts a whole
+scale per forward pass instead of one token per pass:
+
+    suffix tokens:  [state] [scale-0 slots] [scale-1 slots] ... [scale-(K-1) slots]
+    scale k input:  the reconstruction from scales < k, resized to s_k latent steps (VAR / CARP),
+                    projected to the LM width, plus a learned slot embedding
+    attention:      block-causal by scale: a token sees the prefix, the state, every coarser scale and
+                    its own scale (bidirectional inside a scale), never a finer one
+
+Training runs all scales in ONE pass under that mask, with each scale's input built from the true
+coarser codes (teacher forcing); the loss is the cross-entropy of every code. Sampling runs K passes
+(K = number of scales, 4 by default), each extending the KV cache by one scale; the state and scale-0
+tokens do not depend on sampled codes, so that first pass runs once per observation and its cache is
+repeated for the N candidates. The finest reconstruction goes through the tokenizer's decoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from action_tokenizers.base import TokenizerConfig
+from action_tokenizers.msvq import MSVQConfig
+from policies.token_head import TokenHead
+from vla.backbones.base import Backbone
+from vla.config import HeadConfig, PolicyConfig
+from vla.types import Prefix
+
+
+@HeadConfig.register_subclass("coarse_to_fine")
+@dataclass
+class CoarseToFineConfig(HeadConfig):
+    # Typed as the registry base so configs round-trip through draccus; only "msvq" is accepted.
+    tokenizer: TokenizerConfig = field(default_factory=MSVQConfig)
+    tokenizer_path: str | None = None  # an msvq tokenizer saved by `vla tokenizer fit` (else fitted at train start)
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0
+
+    @classmethod
+    def tiny(cls) -> "CoarseToFineConfig":
+        return cls(tokenizer=MSVQConfig.tiny())
+
+    def build(self, backbone: Backbone, policy: PolicyConfig) -> "CoarseToFineHead":
+        return CoarseToFineHead(self, backbone, policy.chunk_size, policy.max_action_dim, policy.max_state_dim)
+
+
+def scale_groups(scales: list[int]) -> Tensor:
+    """(1 + L,) group id of each suffix token: 0 for the state, k + 1 for the tokens of scale k."""
+    return torch.cat([torch.zeros(1, dtype=torch.long)] +
+                     [torch.full((s,), k + 1, dtype=torch.long) for k, s in enumerate(scales)])
+
+
+def block_causal_mask(scales: list[int]) -> Tensor:
+    """(1 + L, 1 + L) bool, True = may attend: a token sees its own and every coarser group."""
+    g = scale_groups(scales)
+    return g[None, :] <= g[:, None]
+
+
+class CoarseToFineHead(TokenHead):
+    def __init__(self, cfg: CoarseToFineConfig, backbone: Backbone, chunk_size: int, action_dim: int, state_dim: int):
+        if not isinstance(cfg.tokenizer, MSVQConfig):
+            raise ValueError(f"head.tokenizer.type: coarse_to_fine predicts multi-scale codes and needs 'msvq', "
+                             f"got {cfg.tokenizer.type!r}")
+        super().__init__(cfg.tokenizer, cfg.tokenizer_path, chunk_size, action_dim, state_dim, backbone.hidden_size)
+        self.cfg = cfg
+        self.scales = list(cfg.tokenizer.scales)
+        d = backbone.hidden_size
+        self.latent_in = nn.Linear(cfg.tokenizer.latent_dim, d)
+        self.slot_emb = nn.Embedding(sum(self.scales), d)
+        self.code_out = nn.Linear(d, self.vocab)
+        nn.init.normal_(self.slot_emb.weight, std=d ** -0.5)
+        self.register_buffer("mask", block_causal_mask(self.scales), persistent=False)
+
+    def _tokens(self, latents: Tensor, start: int) -> Tensor:
+        """Scale inputs (M, s, D) (double, from the tokenizer) -> (M, s, hidden) suffix tokens."""
+        w = self.latent_in.weight
+        return self.latent_in(latents.to(device=w.device, dtype=w.dtype)) + self.slot_emb.weight[start:start + latents.shape[1]]
+
+    # --- training -----------------------------------------------------------------------------
+    def logits(self, backbone: Backbone, prefix: Prefix, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher forcing, all scales in one pass: codes (B, L) -> logits (B, L, K_codebook), hidden (B, L, d)."""
+        inputs = self._require_tokenizer().teacher_inputs(codes.cpu())  # (B, L, D)
+        x = torch.cat([self.state_token(prefix), self._tokens(inputs, 0)], 1)
+        h = backbone.extend(x, prefix, self.mask)[:, 1:]
+        return self.code_out(h), h
+
+    def loss(self, backbone: Backbone, prefix: Prefix, actions: Tensor, is_pad: Tensor, **kw) -> Tensor:
+        """(B, H) per-step share of the chunk's code NLL; ``sum(-1)`` is the exact sequence NLL."""
+        codes, mask = self.encode_actions(actions, prefix.extras.get("action_dim_mask"))
+        logits, _ = self.logits(backbone, prefix, codes)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), codes, reduction="none")  # (B, L)
+        return self.step_loss(nll, mask, is_pad)
+
+    # --- sampling: one forward pass per scale -------------------------------------------------
+    @torch.no_grad()
+    def sample(self, backbone: Backbone, prefix: Prefix, num_samples: int = 1,
+               generator: torch.Generator | None = None, return_features: bool = False,
+               temperature: float | None = None, top_k: int | None = None):
+        """(B, N, H, A) chunks; with ``return_features`` also the code tokens' hidden states (B, N, L, d)."""
+        tok = self._require_tokenizer()
+        temp = self.cfg.temperature if temperature is None else temperature
+        k_top = self.cfg.top_k if top_k is None else top_k
+        b, n = prefix.batch_size, num_samples
+        usable = self.logit_mask(1, self.vocab, prefix.hidden.device)[0]
+
+        # Pass 1 (B rows): the state token and scale 0's slots, which read no sampled code.
+        s0 = self.scales[0]
+        x = torch.cat([self.state_token(prefix), self._tokens(tok.scale_input(tok.empty_latent(b), 0), 0)], 1)
+        h, ctx = backbone.extend(x, prefix, self.mask[: 1 + s0, : 1 + s0], return_prefix=True)
+        h = h[:, 1:].repeat_interleave(n, 0)
+        ctx = ctx.repeat(n)
+        f_hat = tok.empty_latent(b * n)
+        codes, feats, start = [], [], 0
+        for k, s in enumerate(self.scales):
+            if k > 0:  # passes 2..K: scale k's tokens, built from the reconstruction so far
+                full = torch.ones(s, s, dtype=torch.bool, device=h.device)
+                h, ctx = backbone.extend(self._tokens(tok.scale_input(f_hat, k), start), ctx, full, return_prefix=True)
+            logits = self.code_out(h).masked_fill(~usable, float("-inf"))
+            c = self.pick(logits, temp, k_top, generator)  # (B*N, s)
+            f_hat = tok.add_scale(f_hat, c)
+            codes.append(c)
+            feats.append(h)
+            start += s
+        chunks, valid = self.decode_codes(torch.cat(codes, 1))
+        if not bool(valid.all()):  # cannot happen with in-range codes; never hand NaN onwards
+            raise RuntimeError(f"coarse_to_fine: {int((~valid).sum())} sampled code rows do not decode")
+        chunks = chunks.view(b, n, self.chunk_size, self.action_dim)
+        if return_features:
+            return chunks, torch.cat(feats, 1).view(b, n, sum(self.scales), -1)
+        return chunks

@@ -1,0 +1,190 @@
+"""Discrete action-token head: the backbone's language model predicts action codes (OpenVLA, pi0-FAST).
+
+The suffix after the prefix is ``[state, c_0, c_1, ..., c_{L-2}]``: the token at index i predicts code
+``c_i`` (the state token predicts the first code). Codes come from an action tokenizer fitted on the
+dataset (``--head.tokenizer.type=uniform|adaptive_grid|fast``) and get their own embedding table and
+output projection; a learned slot embedding tells each token which code position it fills (RoPE
+positions start after a prompt of varying length, so relative position alone would not say it).
+
+Two decoders (``--head.decoding``):
+
+* ``autoregressive``: one token per forward pass, each pass reading the prefix KV cache plus the
+  keys/values of the codes generated so far (``Backbone.extend(..., return_prefix=True)``). The state
+  token is run once per observation; its cache is then repeated for the N candidates.
+* ``parallel`` (OpenVLA-OFT style): L learned query tokens attend to the prefix, the state and each
+  other (bidirectional) and predict every code in ONE pass. The pass does not depend on the sampled
+  codes, so N candidates cost one pass on B rows and N draws from the same distributions.
+
+Variable-length tokenizers (FAST) append an end-of-sequence id; they need ``autoregressive``.
+Rows that do not decode (e.g. a FAST string of the wrong length) are re-sampled up to
+``max_resample`` times; if still invalid, sampling raises instead of returning NaN or zeros.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from action_tokenizers.base import TokenizerConfig
+from policies.token_head import TokenHead
+from vla.backbones.base import Backbone
+from vla.config import HeadConfig, PolicyConfig
+from vla.types import Prefix
+
+DECODINGS = ("autoregressive", "parallel")
+
+
+@HeadConfig.register_subclass("discrete")
+@dataclass
+class DiscreteConfig(HeadConfig):
+    tokenizer: TokenizerConfig = field(default_factory=lambda: TokenizerConfig.get_choice_class("uniform")())
+    tokenizer_path: str | None = None  # a tokenizer saved by `vla tokenizer fit` (else fitted at train start)
+    decoding: str = "autoregressive"  # or "parallel"
+    temperature: float = 1.0  # 0 = greedy (then N candidates are identical)
+    top_k: int = 0  # 0 = the whole vocabulary
+    max_resample: int = 3  # tries for rows that sampled an undecodable code sequence
+
+    @classmethod
+    def tiny(cls) -> "DiscreteConfig":
+        return cls(tokenizer=TokenizerConfig.get_choice_class("uniform")(n_bins=16))
+
+    def build(self, backbone: Backbone, policy: PolicyConfig) -> "DiscreteHead":
+        return DiscreteHead(self, backbone, policy.chunk_size, policy.max_action_dim, policy.max_state_dim)
+
+
+class DiscreteHead(TokenHead):
+    def __init__(self, cfg: DiscreteConfig, backbone: Backbone, chunk_size: int, action_dim: int, state_dim: int):
+        if cfg.decoding not in DECODINGS:
+            raise ValueError(f"head.decoding: expected one of {DECODINGS}, got {cfg.decoding!r}")
+        super().__init__(cfg.tokenizer, cfg.tokenizer_path, chunk_size, action_dim, state_dim, backbone.hidden_size)
+        self.cfg = cfg
+        self.variable = not self.tokenizer.fixed_length
+        if self.variable and cfg.decoding == "parallel":
+            raise ValueError(f"head.decoding='parallel' needs a fixed-length tokenizer; {cfg.tokenizer.type!r} "
+                             "codes vary in length: use decoding='autoregressive'")
+        self.eos = self.vocab  # only used by variable-length tokenizers
+        n_out = self.vocab + int(self.variable)
+        d = backbone.hidden_size
+        self.code_emb = nn.Embedding(n_out, d)
+        self.slot_emb = nn.Embedding(self.max_codes + 1 + int(self.variable), d)
+        self.code_out = nn.Linear(d, n_out)
+        nn.init.normal_(self.code_emb.weight, std=d ** -0.5)
+        nn.init.normal_(self.slot_emb.weight, std=d ** -0.5)
+
+    # --- training -----------------------------------------------------------------------------
+    def targets(self, actions: Tensor, prefix: Prefix) -> tuple[Tensor, Tensor]:
+        """Codes (B, L) and mask (B, L); variable-length rows get EOS after their last code."""
+        codes, mask = self.encode_actions(actions, prefix.extras.get("action_dim_mask"))
+        if not self.variable:
+            return codes, mask
+        b = codes.shape[0]
+        codes = torch.cat([codes, codes.new_zeros(b, 1)], 1)
+        mask = torch.cat([mask, mask.new_zeros(b, 1)], 1)
+        lengths = mask.sum(1)
+        codes[torch.arange(b), lengths] = self.eos
+        mask[torch.arange(b), lengths] = True
+        return codes, mask
+
+    def logits(self, backbone: Backbone, prefix: Prefix, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher forcing: codes (B, L) -> logits (B, L, V_out) and the hidden states that made them."""
+        b, n_codes = codes.shape
+        slots = self.slot_emb.weight[: n_codes + 1]
+        first = self.state_token(prefix) + slots[0]
+        if self.cfg.decoding == "parallel":
+            queries = slots[1:][None].expand(b, -1, -1)
+            x = torch.cat([first, queries], 1)
+            full = torch.ones(n_codes + 1, n_codes + 1, dtype=torch.bool, device=x.device)
+            h = backbone.extend(x, prefix, full)[:, 1:]
+        else:
+            x = torch.cat([first, self.code_emb(codes[:, :-1]) + slots[1:n_codes]], 1)
+            h = backbone.extend(x, prefix)  # causal among the new tokens
+        return self.code_out(h), h
+
+    def loss(self, backbone: Backbone, prefix: Prefix, actions: Tensor, is_pad: Tensor, **kw) -> Tensor:
+        """(B, H) per-step NLL of the chunk's codes; ``sum(-1)`` is the exact sequence NLL."""
+        codes, mask = self.targets(actions, prefix)
+        logits, _ = self.logits(backbone, prefix, codes)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), codes, reduction="none")  # (B, L)
+        return self.step_loss(nll, mask, is_pad)
+
+    # --- sampling -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, backbone: Backbone, prefix: Prefix, num_samples: int = 1,
+               generator: torch.Generator | None = None, return_features: bool = False,
+               temperature: float | None = None, top_k: int | None = None):
+        """(B, N, H, A) chunks; with ``return_features`` also (B, N, L, hidden) hidden states that
+        produced the codes (the chunk's representation for test-time selectors)."""
+        temp = self.cfg.temperature if temperature is None else temperature
+        k = self.cfg.top_k if top_k is None else top_k
+        b, n = prefix.batch_size, num_samples
+        codes, mask, feats = self._sample_codes(backbone, prefix, n, temp, k, generator)
+        chunks, valid = self.decode_codes(codes, mask)
+        for _ in range(self.cfg.max_resample):
+            bad = (~valid).nonzero().flatten()
+            if len(bad) == 0:
+                break
+            sub = prefix._map(lambda t: t[torch.div(bad, n, rounding_mode="floor")])
+            c2, m2, f2 = self._sample_codes(backbone, sub, 1, temp, k, generator)
+            a2, v2 = self.decode_codes(c2, m2)
+            chunks[bad], valid[bad] = a2, v2
+            width = min(f2.shape[1], feats.shape[1])
+            feats[bad] = 0
+            feats[bad, :width] = f2[:, :width]
+        if not bool(valid.all()):
+            raise RuntimeError(f"discrete head: {int((~valid).sum())} of {b * n} sampled code sequences do not decode "
+                               f"to a chunk after {self.cfg.max_resample} re-samples (tokenizer "
+                               f"{self.tokenizer.config.type!r}); lower the temperature or use top_k")
+        chunks = chunks.view(b, n, self.chunk_size, self.action_dim)
+        if return_features:
+            return chunks, feats.view(b, n, feats.shape[1], -1)
+        return chunks
+
+    def allowed_ids(self, device) -> Tensor:
+        """(L, V_out) bool: what sampling may pick at each code slot (decodable ids; EOS rules)."""
+        tok = self._require_tokenizer()
+        length = tok.horizon * tok.action_dim if tok.fixed_length else self.max_codes + 1
+        allowed = self.logit_mask(length, self.code_out.out_features, device)
+        if self.variable:
+            allowed[-1, :] = False  # the last slot can only end the sequence
+            allowed[-1, self.eos] = True
+        return allowed
+
+    def _sample_codes(self, backbone, prefix, n, temp, top_k, generator):
+        """-> codes (B*n, L), mask (B*n, L), features (B*n, L, hidden)."""
+        dev = prefix.hidden.device
+        allowed = self.allowed_ids(dev)
+        length = allowed.shape[0]
+        if self.cfg.decoding == "parallel":
+            dummy = torch.zeros(prefix.batch_size, length, dtype=torch.long, device=dev)
+            logits, h = self.logits(backbone, prefix, dummy)  # ONE pass on B rows; codes are not read
+            logits = logits.masked_fill(~allowed, float("-inf")).repeat_interleave(n, 0)
+            codes = self.pick(logits, temp, top_k, generator)
+            return codes, torch.ones_like(codes, dtype=torch.bool), h.repeat_interleave(n, 0)
+        slots = self.slot_emb.weight
+        h, ctx = backbone.extend(self.state_token(prefix) + slots[0], prefix, return_prefix=True)
+        ctx = ctx.repeat(n)  # the state token's keys/values are shared by the n candidates
+        h = h[:, -1].repeat_interleave(n, 0)
+        codes, feats = [], []
+        done = torch.zeros(h.shape[0], dtype=torch.bool, device=dev)
+        for i in range(length):
+            logits = self.code_out(h).masked_fill(~allowed[i], float("-inf"))
+            c = self.pick(logits, temp, top_k, generator)
+            if self.variable:
+                c = torch.where(done, torch.full_like(c, self.eos), c)
+                done = done | (c == self.eos)
+            codes.append(c)
+            feats.append(h)
+            if i == length - 1 or (self.variable and bool(done.all())):
+                break
+            x = (self.code_emb(c) + slots[i + 1])[:, None]
+            h, ctx = backbone.extend(x, ctx, return_prefix=True)
+            h = h[:, -1]
+        codes_t, feats_t = torch.stack(codes, 1), torch.stack(feats, 1)
+        if not self.variable:
+            return codes_t, torch.ones_like(codes_t, dtype=torch.bool), feats_t
+        mask = (codes_t != self.eos).cumprod(1).bool()  # codes before the first EOS
+        ended = (codes_t == self.eos).any(1)
+        mask = mask & ended[:, None]  # a row that never ended decodes as invalid (empty)
+        return torch.where(mask, codes_t, 0), mask, feats_t
