@@ -74,3 +74,16 @@ def print_table(rows: list[dict[str, Any]], cols: list[str]) -> None:
     print("  ".join("-" * widths[c] for c in cols))
     for r in rows:
         print("  ".join(f"{r.get(c, '')}".ljust(widths[c]) for c in cols))
+
+
+def median_ms(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` in milliseconds over ``repeats`` calls, after one warm-up call."""
+    import statistics
+
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1000

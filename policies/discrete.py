@@ -73,6 +73,23 @@ class DiscreteHead(TokenHead):
         nn.init.normal_(self.code_emb.weight, std=d ** -0.5)
         nn.init.normal_(self.slot_emb.weight, std=d ** -0.5)
 
+    def refit_tokenizer(self, chunks) -> None:
+        """Fine-tuning on a new dataset: re-fit the tokenizer and move each learned code embedding (and
+        output row) to where its bin went — SpatialVLA's re-discretization. Needs a tokenizer with
+        ``refit(new_actions, old_embeddings)`` (the adaptive grid)."""
+        tok = self._require_tokenizer()
+        if not hasattr(tok, "refit"):
+            raise ValueError(f"refit_tokenizer: the {tok.config.type!r} tokenizer cannot carry embeddings over; "
+                             "only adaptive_grid can (or train a fresh head)")
+        v = tok.vocab_size
+        with torch.no_grad():
+            table = torch.cat([self.code_emb.weight[:v], self.code_out.weight[:v], self.code_out.bias[:v, None]], 1)
+            new = tok.refit(chunks, table)  # one re-fit, every per-token row interpolated the same way
+            d = self.code_emb.weight.shape[1]
+            self.code_emb.weight[:v] = new[:, :d]
+            self.code_out.weight[:v] = new[:, d:2 * d]
+            self.code_out.bias[:v] = new[:, -1]
+
     # --- training -----------------------------------------------------------------------------
     def targets(self, actions: Tensor, prefix: Prefix) -> tuple[Tensor, Tensor]:
         """Codes (B, L) and mask (B, L); variable-length rows get EOS after their last code."""

@@ -205,3 +205,9 @@ def check_observation(obs: dict[str, np.ndarray], features: dict[str, tuple[int,
 
 # `--robot.type=...` on the command line is checked against the registered names.
 register_choice_field("robot", RobotConfig)
+
+# Whoever reads the RobotConfig registry (``from robots.base import RobotConfig``, draccus parsing
+# ``--robot.type``) sees every built-in driver; `robots.client` never imports this module (no torch).
+from robots import register_builtin_drivers  # noqa: E402  (after RobotConfig exists: drivers import it)
+
+register_builtin_drivers()

@@ -45,7 +45,7 @@ class FakeClock:
 
 def test_registry_names_and_unknown_name():
     assert {"mock", "lerobot"} <= set(robot_names())
-    with pytest.raises(UnknownNameError, match=r"known robots: lerobot, mock.*Did you mean 'mock'"):
+    with pytest.raises(UnknownNameError, match=r"known robots: lerobot, metaworld, mock.*Did you mean 'mock'"):
         make_robot("mokc")
 
 

@@ -212,3 +212,26 @@ def test_vla_train_fits_saves_and_resumes(head_args, tmp_path: Path) -> None:
         "observation.images.cam0": np.zeros((24, 24, 3), np.uint8),
         "observation.state": np.zeros(policy.preprocessor.state_dim, np.float32), "task": "push"})
     assert chunk.shape == (policy.config.chunk_size, policy.preprocessor.action_dim) and np.isfinite(chunk).all()
+
+
+def test_refit_moves_embeddings_with_their_bins() -> None:
+    """Adaptive grid re-fit (SpatialVLA): a token's new embedding is the old embeddings interpolated at
+    its new bin centre."""
+    policy = _policy(HEADS["ar_adaptive"])
+    head, tok = policy.head, policy.head.tokenizer
+    old_centres = tok.centres.copy()
+    old_emb = head.code_emb.weight.detach().clone()
+    rng = np.random.default_rng(1)
+    chunks = rng.standard_normal((256, policy.config.chunk_size, policy.config.max_action_dim))
+    head.refit_tokenizer(chunks)
+    new_centres = tok.centres
+    a, j = 0, tok.config.n_bins // 2
+    # find the old bins around the new centre and check the interpolation
+    c = new_centres[a, j]
+    i = int(np.clip(np.searchsorted(old_centres[a], c, side="right") - 1, 0, tok.config.n_bins - 2))
+    w = (c - old_centres[a, i]) / (old_centres[a, i + 1] - old_centres[a, i])
+    assert 0 <= w <= 1, "the middle bin's new centre lies inside the old grid"
+    want = (1 - w) * old_emb[i] + w * old_emb[i + 1]
+    torch.testing.assert_close(head.code_emb.weight[j].detach(), want.float(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cannot carry embeddings"):
+        _policy(HEADS["ar_uniform"]).head.refit_tokenizer(chunks)

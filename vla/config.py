@@ -131,6 +131,9 @@ class TrainConfig:
     # `steps`, and `--resume=true` continues exactly where it stopped.
     stop_after: int | None = None
     init_from: str | None = None  # start from the weights of this policy checkpoint (fine-tuning)
+    # With init_from: re-fit a token head's action tokenizer to this dataset, carrying the learned token
+    # embeddings over (adaptive grid: interpolated onto the new bin centres, SpatialVLA).
+    refit_tokenizer: bool = False
     device: str = "auto"  # auto | cpu | cuda
     torch_threads: int = 0  # 0 = torch default
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -68,17 +70,28 @@ def load_adapter_weights(policy, file: Path) -> None:
         raise RuntimeError(f"adapter {file}: unexpected keys {unexpected[:5]}, missing keys {missing[:5]}")
 
 
+def read_adapter_config(path: str | Path) -> tuple[dict, Path, LoraConfig]:
+    """An adapter checkpoint's metadata, the resolved path of its base checkpoint, and its LoRA config."""
+    path = Path(path)
+    file = path / ADAPTER_CONFIG_NAME
+    if not file.exists():
+        raise FileNotFoundError(f"{path} is not a LoRA adapter checkpoint: no {ADAPTER_CONFIG_NAME} in it")
+    meta = json.loads(file.read_text())
+    base = (path / meta["base_checkpoint"]).resolve()
+    if not base.exists():
+        raise FileNotFoundError(f"adapter {path} needs its base checkpoint {base}, which does not exist")
+    cfg = LoraConfig(enabled=True, r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"],
+                     target_modules=meta["target_modules"])
+    return meta, base, cfg
+
+
 def load_adapter_checkpoint(path: Path, device: str | torch.device = "cpu"):
     """Base policy checkpoint + this adapter -> a ready policy."""
     from vla.policy import PREPROCESSOR_NAME, VLAPolicy
 
-    meta = json.loads((path / ADAPTER_CONFIG_NAME).read_text())
-    base = (path / meta["base_checkpoint"]).resolve()
-    if not base.exists():
-        raise FileNotFoundError(f"adapter {path} needs its base checkpoint {base}, which does not exist")
+    _, base, lora_cfg = read_adapter_config(path)
     policy = VLAPolicy.from_pretrained(base, device="cpu")
-    apply_lora(policy, LoraConfig(enabled=True, r=meta["r"], alpha=meta["alpha"], dropout=meta["dropout"],
-                                  target_modules=meta["target_modules"]))
+    apply_lora(policy, lora_cfg)
     load_adapter_weights(policy, path / ADAPTER_WEIGHTS_NAME)
     if (path / PREPROCESSOR_NAME).exists():
         from vla.data.processor import Preprocessor
@@ -87,3 +100,80 @@ def load_adapter_checkpoint(path: Path, device: str | torch.device = "cpu"):
             json.loads((path / PREPROCESSOR_NAME).read_text()), policy.config, policy.backbone.tokenize
         )
     return policy.to(device).eval()
+
+
+# ----- several named adapters on one base (the policy server: one LoRA adapter per embodiment) -----
+DEFAULT_ADAPTER = "default"  # the peft adapter name training uses; saved keys carry it (lora_A.default.weight)
+_ADAPTER_KEY = re.compile(r"(\.lora_[A-Za-z_]+)\.([^.]+)(\.|$)")
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def check_adapter_name(name: str) -> str:
+    # peft stores adapters in ModuleDicts keyed by name: a dot would break the state-dict paths.
+    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+        raise ValueError(f"adapter name must be letters, digits, '_' or '-', received {name!r}")
+    return name
+
+
+def rename_adapter_keys(weights: dict[str, Tensor], new: str, old: str = DEFAULT_ADAPTER) -> dict[str, Tensor]:
+    """``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_A.<new>.weight`` (non-LoRA keys unchanged)."""
+    check_adapter_name(new)
+    out = {}
+    for k, v in weights.items():
+        m = _ADAPTER_KEY.search(k)
+        if m is not None:
+            if m.group(2) != old:
+                raise ValueError(f"adapter key {k!r} names adapter {m.group(2)!r}, expected {old!r}")
+            k = k[: m.start()] + f"{m.group(1)}.{new}{m.group(3)}" + k[m.end():]
+        out[k] = v
+    return out
+
+
+def add_named_adapter(backbone: torch.nn.Module, name: str, cfg: LoraConfig) -> None:
+    """Inject one more LoRA adapter called ``name`` into ``backbone`` (already injected ones stay).
+
+    Unlike `apply_lora` it leaves every weight frozen, the new LoRA tensors included: it is for serving
+    several adapters on one base, where adapter tensors are loaded from checkpoints, never trained."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import inject_adapter_in_model
+
+    check_adapter_name(name)
+    if name in adapter_names(backbone):
+        raise ValueError(f"adapter {name!r} is already injected into the {type(backbone).__name__}")
+    target = cfg.target_modules or backbone.lora_targets()
+    peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=target)
+    with warnings.catch_warnings():  # "multiple adapters in the model": exactly the point here
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        inject_adapter_in_model(peft_cfg, backbone, adapter_name=name)
+    if name not in adapter_names(backbone):
+        raise ValueError(f"lora.target_modules={target!r} matched no module of the {type(backbone).__name__}")
+    backbone.requires_grad_(False)
+
+
+def _lora_layers(module: torch.nn.Module) -> list:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapter_names(module: torch.nn.Module) -> set[str]:
+    """Names of the LoRA adapters injected into ``module``."""
+    names: set[str] = set()
+    for layer in _lora_layers(module):
+        names.update(getattr(layer, "lora_A", {}).keys())
+    return names
+
+
+def set_active_adapter(module: torch.nn.Module, name: str | None) -> None:
+    """Route every LoRA layer of ``module`` through adapter ``name``; ``None`` = the plain base weights.
+
+    A flag per layer: no weight is copied or merged, so switching costs microseconds per layer."""
+    layers = _lora_layers(module)
+    if name is not None and not any(name in getattr(layer, "lora_A", {}) for layer in layers):
+        raise KeyError(f"adapter {name!r} is not injected; injected adapters: {sorted(adapter_names(module))}")
+    for layer in layers:
+        if name is None:
+            layer.enable_adapters(False)
+        else:
+            layer.enable_adapters(True)
+            layer.set_adapter(name, inference_mode=True)  # after enable: it leaves every LoRA weight frozen

@@ -14,7 +14,7 @@ BUILTIN = (
     "vla.backbones.hf_vlm",
     "policies",
     "action_tokenizers",
-    "robots",
+    "robots.base",  # registers the built-in drivers (the `robots` package itself imports nothing)
 )
 _loaded = False
 

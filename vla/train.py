@@ -97,6 +97,11 @@ def train(cfg: TrainConfig) -> Path:
              spec.num_episodes, policy.preprocessor.camera_map, spec.state_dim, spec.action_dim)
     # 3b. Token heads predict the codes of an action tokenizer fitted on this dataset's normalized
     #     chunks; a resumed run reloads the tokenizer its weights were trained with.
+    if cfg.refit_tokenizer:
+        if not (cfg.init_from and hasattr(policy.head, "refit_tokenizer")):
+            raise ValueError("--refit_tokenizer=true needs --init_from and a token head (head.type discrete)")
+        if not cfg.resume:  # a resumed run already holds the re-fitted tokenizer in its checkpoint
+            policy.head.refit_tokenizer(normalized_action_chunks(dataset, policy.preprocessor, cfg.policy.chunk_size))
     if hasattr(policy.head, "fit_tokenizer") and not policy.head.tokenizer.is_fitted:
         if cfg.resume:
             from vla.policy import HEAD_ASSETS_DIR
@@ -215,7 +220,8 @@ def _load_weights(policy: VLAPolicy, path: Path) -> None:
 
 
 # Head/backbone fields that change behaviour at run time but not the weights' shapes or meaning.
-_EXECUTION_FIELDS = {"num_steps", "freeze_vision", "freeze_language", "pretrained_vision"}
+_EXECUTION_FIELDS = {"num_steps", "freeze_vision", "freeze_language", "pretrained_vision", "temperature", "top_k",
+                     "max_resample"}
 
 
 def check_same_architecture(have: PolicyConfig, want: PolicyConfig, source: str) -> None:
