@@ -46,8 +46,18 @@ setup() {
     "${pip[@]}" --upgrade pip setuptools wheel
     # Pin torch first: anything that lets pip choose "the newest torch" downloads GBs of CUDA wheels.
     "${pip[@]}" torch==2.14.1 torchvision==0.29.1
-    # deepspeed builds from an sdist that imports torch at build time.
-    "${pip[@]}" --no-build-isolation deepspeed==0.19.8
+    # deepspeed builds from an sdist that imports torch at build time. Its CPU ops (shared-memory
+    # collectives, CPUAdam for ZeRO-Offload) are compiled here (~2 min), else the first
+    # deepspeed.initialize of every run JIT-compiles them (~50 s, ~90 s). A deepspeed installed without
+    # them is rebuilt (--no-cache-dir: a cached wheel would be the one without ops).
+    if ! "$PY" -c "import deepspeed" >/dev/null 2>&1; then
+        (export DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1
+         "${pip[@]}" --no-build-isolation --no-cache-dir deepspeed==0.19.8)
+    elif ! "$PY" -c "from deepspeed.git_version_info import installed_ops as o
+raise SystemExit(0 if all(o.get(k, True) for k in ('deepspeed_shm_comm', 'cpu_adam')) else 1)" >/dev/null 2>&1; then
+        (export DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 DS_BUILD_CPU_ADAM=1
+         "${pip[@]}" --no-build-isolation --no-cache-dir --force-reinstall --no-deps deepspeed==0.19.8)
+    fi
     # lerobot 0.4.4's own pins conflict with torch 2.14: install it without deps (its needs are in pyproject).
     "${pip[@]}" --no-deps lerobot==0.4.4
     "${pip[@]}" -e ".[test,sim]"

@@ -60,6 +60,11 @@ def save_checkpoint(
     write_model(tmp / MODEL_DIR)
     torch.save(training_state, tmp / TRAINING_STATE)
     (tmp / "train_config.json").write_text(json.dumps(train_config, indent=2))
+    return publish_checkpoint(tmp, final, ckpt_root, keep_last)
+
+
+def publish_checkpoint(tmp: Path, final: Path, ckpt_root: Path, keep_last: int = 2) -> Path:
+    """Rename a fully written ``tmp`` folder to ``final``, point ``last`` at it, prune old ones."""
     trash = None
     if final.exists():  # re-saving a step: move the old copy aside first, delete it only afterwards
         trash = ckpt_root / f".trash_{final.name}_{os.getpid()}"

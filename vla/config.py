@@ -92,6 +92,11 @@ class DatasetConfig:
     video_backend: str | None = None  # None = lerobot's default (torchcodec when present)
     # Augmentation at train time: random crop of this fraction of the side, then resize back.
     crop_scale: float = 1.0
+    # Mixtures (`vla pretrain --mixture=[...]`): the name its normalization statistics are kept under in
+    # the checkpoint (None = the folder / repo name; datasets of one robot may share a name), and the
+    # relative sampling weight (see PretrainConfig.sample_by).
+    embodiment: str | None = None
+    weight: float = 1.0
 
 
 @dataclass
@@ -136,6 +141,38 @@ class TrainConfig:
     refit_tokenizer: bool = False
     device: str = "auto"  # auto | cpu | cuda
     torch_threads: int = 0  # 0 = torch default
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed engine of ``vla pretrain`` (see docs/pretraining.md)."""
+
+    zero_stage: int = 2  # 0 (plain data parallel), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)
+    offload_optimizer: bool = False  # optimizer states and step on the CPU (DeepSpeedCPUAdam)
+    activation_checkpointing: bool = False  # recompute transformer blocks in backward (less memory)
+    # ZeRO-3 keeps parameters smaller than this whole on every rank (DeepSpeed's default 1e5).
+    param_persistence_threshold: int = 100_000
+    reduce_bucket_size: int = 50_000_000  # elements per gradient reduction bucket
+    overlap_comm: bool = False  # overlap gradient reduction with backward (helps on GPUs)
+    backend: str = "auto"  # torch.distributed backend: auto (nccl on CUDA, gloo on CPU) | gloo | nccl
+    config_file: str | None = None  # a DeepSpeed JSON whose keys override the generated config
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """``vla pretrain``: TrainConfig + the DeepSpeed engine + a dataset mixture.
+
+    ``batch_size`` is per process (DeepSpeed's micro batch); one optimizer step sees
+    batch_size x grad_accum x world_size samples.
+    """
+
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    # Several LeRobot datasets (different cameras, state/action dims, robots); empty = `dataset` alone.
+    mixture: list[DatasetConfig] = field(default_factory=list)
+    # "dataset": P(dataset) proportional to its weight; "frame": proportional to weight x frames.
+    sample_by: str = "dataset"
+    # The embodiment whose statistics a loaded checkpoint uses by default (None = the first dataset's).
+    default_embodiment: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,13 +37,7 @@ def build_data(cfg: TrainConfig):
     from vla.data.dataset import dataset_spec, make_dataset
     from vla.data.stats import compute_stats
 
-    if cfg.dataset.synthetic and (cfg.dataset.root is None or not Path(cfg.dataset.root).exists()):
-        from vla.data.synthetic import make_synthetic_dataset
-
-        root = Path(cfg.dataset.root or Path(cfg.output_dir) / "synthetic_data")
-        if not root.exists():
-            make_synthetic_dataset(root, num_episodes=8, image_size=cfg.policy.image_size)
-        cfg.dataset.root = str(root)
+    prepare_synthetic(cfg.dataset, cfg.output_dir, cfg.policy.image_size)
     dataset = make_dataset(cfg.dataset, cfg.policy.chunk_size)
     spec = dataset_spec(dataset)
     stats = compute_stats(dataset, keys=(cfg.dataset.state_key, cfg.dataset.action_key))
@@ -58,6 +52,18 @@ def normalized_action_chunks(dataset, preprocessor, horizon: int, max_chunks: in
     with torch.no_grad():
         norm = preprocessor.normalizer.normalize(preprocessor.action_key, torch.from_numpy(raw).float())
     return norm.numpy()
+
+
+def prepare_synthetic(dataset_cfg, output_dir: str, image_size: int) -> None:
+    """``dataset.synthetic``: generate the debug dataset at ``root`` (default output_dir/synthetic_data)
+    if it does not exist yet, and point ``dataset_cfg.root`` at it."""
+    if dataset_cfg.synthetic and (dataset_cfg.root is None or not Path(dataset_cfg.root).exists()):
+        from vla.data.synthetic import make_synthetic_dataset
+
+        root = Path(dataset_cfg.root or Path(output_dir) / "synthetic_data")
+        if not root.exists():
+            make_synthetic_dataset(root, num_episodes=8, image_size=image_size)
+        dataset_cfg.root = str(root)
 
 
 def train(cfg: TrainConfig) -> Path:

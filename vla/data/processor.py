@@ -67,12 +67,15 @@ class Preprocessor:
         state_key: str = "observation.state",
         action_key: str = "action",
         ignored_cameras: Sequence[str] = (),
+        embodiment: str | None = None,
     ):
         """
         camera_map:      dataset camera key -> model slot (from :func:`resolve_camera_map`)
         crop_scale:      train-time random crop of this fraction of each side (eval: center crop)
         ignored_cameras: dataset cameras deliberately left out by the map; present in a batch, they
                          are skipped instead of raising "unknown camera"
+        embodiment:      the name of the robot/dataset these statistics belong to (mixtures: one
+                         pretrained model serves several robots, each with its own stats, dims, cameras)
         """
         cfg = policy_cfg
         if state_dim > cfg.max_state_dim:
@@ -97,6 +100,10 @@ class Preprocessor:
         self.state_key, self.action_key = state_key, action_key
         self.crop_scale = float(crop_scale)
         self.tokenize = tokenize
+        self.embodiment = embodiment
+        # name -> single-embodiment state dict of every embodiment the model was trained on (a mixture);
+        # saved in preprocessor.json next to this one's, so `for_embodiment` can switch robots.
+        self.embodiments: dict[str, dict] = {}
         norm = cfg.normalization
         # Only the two keys the model sees are kept: this is what goes into checkpoints.
         self.stats = {k: stats[k] for k in (state_key, action_key) if k in stats}
@@ -280,11 +287,39 @@ class Preprocessor:
             raise ValueError("actions: unnormalized actions are not finite (check the normalization stats)")
         return out
 
+    # --- embodiments (mixtures) -------------------------------------------------------------------
+    @property
+    def embodiment_names(self) -> list[str]:
+        return sorted(self.embodiments) if self.embodiments else ([self.embodiment] if self.embodiment else [])
+
+    def with_embodiments(self, table: Mapping[str, "Preprocessor"]) -> "Preprocessor":
+        """Record every embodiment's preprocessor (by name) inside this one's checkpoint state."""
+        if self.embodiment not in table:
+            raise KeyError(f"embodiment {self.embodiment!r} (this preprocessor) is not in the table {sorted(table)}")
+        self.embodiments = {name: p._single_state_dict() for name, p in table.items()}
+        return self
+
+    def for_embodiment(self, name: str) -> "Preprocessor":
+        """The preprocessor (stats, dims, cameras) of another embodiment the model was trained on."""
+        if name == self.embodiment:
+            return self
+        return Preprocessor.from_state_dict(self.state_dict(), self.cfg, self.tokenize, embodiment=name)
+
     # --- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything needed to rebuild this preprocessor at inference (json-able)."""
+        """Everything needed to rebuild this preprocessor at inference (json-able).
+
+        A mixture-trained preprocessor also holds ``embodiments`` (name -> the same fields) and its own
+        ``embodiment`` name, the default a loaded checkpoint uses.
+        """
+        d = self._single_state_dict()
+        if self.embodiments:
+            d["embodiments"] = {name: dict(sd) for name, sd in self.embodiments.items()}
+        return d
+
+    def _single_state_dict(self) -> dict:
         n = self.cfg.normalization
-        return {
+        d = {
             "version": STATE_DICT_VERSION,
             "camera_map": dict(self.camera_map),
             "ignored_cameras": list(self.ignored_cameras),
@@ -296,10 +331,27 @@ class Preprocessor:
             "normalization": {"state": n.state, "action": n.action, "eps": n.eps},
             "stats": stats_to_jsonable(self.stats),
         }
+        if self.embodiment is not None:
+            d["embodiment"] = self.embodiment
+        return d
 
     @classmethod
     def from_state_dict(cls, d: Mapping[str, Any], policy_cfg: PolicyConfig,
-                        tokenize: Tokenize | None = None) -> "Preprocessor":
+                        tokenize: Tokenize | None = None, embodiment: str | None = None) -> "Preprocessor":
+        """``embodiment`` picks one of a mixture checkpoint's embodiments (None = the saved default)."""
+        table = d.get("embodiments") or {}
+        if embodiment is not None and embodiment != d.get("embodiment"):
+            if embodiment not in table:
+                known = sorted(table) or ([d["embodiment"]] if d.get("embodiment") else [])
+                raise MissingKeyError(f"unknown embodiment {embodiment!r}; this checkpoint's embodiments are {known}")
+            pre = cls._from_single(table[embodiment], policy_cfg, tokenize)
+        else:
+            pre = cls._from_single(d, policy_cfg, tokenize)
+        pre.embodiments = {name: dict(sd) for name, sd in table.items()}
+        return pre
+
+    @classmethod
+    def _from_single(cls, d: Mapping[str, Any], policy_cfg: PolicyConfig, tokenize: Tokenize | None) -> "Preprocessor":
         if d.get("version") != STATE_DICT_VERSION:
             raise ValueError(f"preprocessor state: expected version {STATE_DICT_VERSION}, got {d.get('version')!r}")
         saved = NormalizationConfig(**d["normalization"])
@@ -308,4 +360,4 @@ class Preprocessor:
                              f"says {policy_cfg.normalization}: the model was trained on the saved one")
         return cls(policy_cfg, d["camera_map"], d["state_dim"], d["action_dim"], stats_from_jsonable(d["stats"]),
                    tokenize, crop_scale=d["crop_scale"], state_key=d["state_key"], action_key=d["action_key"],
-                   ignored_cameras=d.get("ignored_cameras", ()))
+                   ignored_cameras=d.get("ignored_cameras", ()), embodiment=d.get("embodiment"))
