@@ -12,11 +12,20 @@ import numpy as np
 
 
 class ChunkBroker:
-    def __init__(self, policy: Any, n_action_steps: int | None = None) -> None:
+    def __init__(self, policy: Any, n_action_steps: int | None = None, num_samples: int = 1,
+                 selector: Any = None) -> None:
+        """num_samples / selector: sample N candidates per re-plan and execute the selector's choice
+        (``policy.predict_action_chunk(raw, num_samples=N, selector=...)``, docs/selectors.md)."""
         h = policy.config.chunk_size
         self.n_action_steps = n_action_steps or policy.config.n_action_steps
         if not 1 <= self.n_action_steps <= h:
             raise ValueError(f"n_action_steps must be in [1, chunk_size={h}], got {self.n_action_steps}")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        if num_samples > 1 and selector is None:
+            raise ValueError(f"num_samples={num_samples} needs a selector to choose among the candidates "
+                             "(e.g. selector='consistency' or 'cfn')")
+        self.num_samples, self.selector = num_samples, selector
         self.policy = policy
         self._queue: deque[np.ndarray] = deque()
         self.chunks_requested = 0
@@ -29,7 +38,11 @@ class ChunkBroker:
     def act(self, raw_obs: Mapping[str, Any]) -> np.ndarray:
         """-> (A,) the action for this control tick. Re-plans when the queue is empty."""
         if not self._queue:
-            chunk = np.asarray(self.policy.predict_action_chunk(raw_obs))
+            if self.selector is None:
+                chunk = np.asarray(self.policy.predict_action_chunk(raw_obs))
+            else:
+                chunk = np.asarray(self.policy.predict_action_chunk(raw_obs, num_samples=self.num_samples,
+                                                                    selector=self.selector))
             if chunk.ndim != 2:
                 raise ValueError(f"ChunkBroker: expected a (H, A) chunk, got shape {chunk.shape}")
             if not np.isfinite(chunk).all():

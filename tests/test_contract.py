@@ -75,3 +75,13 @@ def test_save_reload_gives_identical_chunks(backbone_id: str, tmp_path) -> None:
     again = VLAPolicy.from_pretrained(tmp_path / "ckpt")
     after = again.sample_actions(obs, num_samples=2, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(before, after, atol=1e-6)
+
+
+def test_fresh_timm_backbone_keeps_batchnorm_statistics() -> None:
+    """A forward pass straight after construction must not update the encoder's running statistics."""
+    from vla.backbones.timm_lm import TimmLMConfig
+
+    backbone = TimmLMConfig.tiny_variants()[next(iter(TimmLMConfig.tiny_variants()))].build()
+    bns = [m for m in backbone.vision.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns, "the tiny timm encoder has BatchNorm layers"
+    assert all(not m.training for m in bns)

@@ -66,23 +66,34 @@ class VLAPolicy(nn.Module):
     # --- robot-level API (raw numpy in, unnormalized numpy out) ------------------------------
     @torch.no_grad()
     def predict_action_chunk(self, raw_obs: Mapping[str, Any], num_samples: int = 1,
-                             generator: torch.Generator | None = None) -> np.ndarray:
+                             generator: torch.Generator | None = None, selector: Any = None) -> np.ndarray:
         """LeRobot-keyed observation -> unnormalized chunk.
 
         Unbatched input (state of shape (S,)) gives (H, A); batched input (B, S) gives (B, H, A);
         with ``num_samples > 1`` a candidate axis N is inserted after the batch axis.
         A is the dataset's action dim (padding removed). Raises if the result is not finite.
+
+        ``selector`` (a name — "first", "consistency", "cfn", "world_model" —, a ``SelectorConfig`` or a
+        ``ChunkSelector``, docs/selectors.md): the N candidates from one backbone pass are scored and only
+        the chosen chunk is returned ((H, A) or (B, H, A)); its scores (B, N) are in ``self.last_scores``.
         """
         pre = self._pre()
         was_training = self.training
         self.eval()
         try:
             obs = pre.observation(raw_obs, train=False).to(self.device)
-            chunks = self.sample_actions(obs, num_samples=num_samples, generator=generator)  # (B, N, H, A)
+            if selector is None:
+                chunks = self.sample_actions(obs, num_samples=num_samples, generator=generator)  # (B, N, H, A)
+            else:  # lazy: vla core reaches policies only by name
+                from policies.selectors import sample_and_select
+
+                chunk, scores = sample_and_select(self, obs, num_samples, selector, generator)
+                self.last_scores = scores.cpu().numpy()
+                chunks = chunk[:, None]
             out = pre.unnormalize_actions(chunks.float()).cpu().numpy()
         finally:
             self.train(was_training)
-        if num_samples == 1:
+        if num_samples == 1 or selector is not None:
             out = out[:, 0]
         unbatched = np.ndim(raw_obs["observation.state"]) == 1
         return out[0] if unbatched else out
@@ -141,6 +152,7 @@ class VLAPolicy(nn.Module):
         config = from_dict(PolicyConfig, json.loads((path / CONFIG_NAME).read_text()))
         policy = cls(config, assets_dir=path / ASSETS_DIR)
         load_weights(policy, path / WEIGHTS_NAME)
+        policy.selector_dir = path / "selector"  # fitted test-time selectors (e.g. the CFN), read on demand
         if hasattr(policy.head, "load_assets"):
             policy.head.load_assets(path / HEAD_ASSETS_DIR)
         if (path / PREPROCESSOR_NAME).exists():

@@ -46,9 +46,10 @@ class PolicyOutputError(ValueError):
 _POLICY: dict[str, Any] = {}  # the policy of this worker process, built on its first episode
 
 
-def _set_policy_spec(spec: str | Callable[[], Any], device: str) -> None:
+def _set_policy_spec(spec: str | Callable[[], Any], device: str, predict_kwargs: dict | None = None) -> None:
     _POLICY.clear()
-    _POLICY.update(spec=spec, device=device)
+    # predict_kwargs: test-time selection, {"num_samples": N, "selector": name or config map} (docs/selectors.md)
+    _POLICY.update(spec=spec, device=device, kwargs=dict(predict_kwargs or {}))
 
 
 def _policy() -> Any:
@@ -127,7 +128,7 @@ def eval_episode(job: dict[str, Any]) -> dict[str, Any]:
             where = f"task {job['task']!r}, episode {job['episode']}, step {steps}"
             t0 = time.perf_counter()
             try:
-                raw = policy.predict_action_chunk(obs)
+                raw = policy.predict_action_chunk(obs, **_POLICY.get("kwargs", {}))
             except Exception as e:  # name the episode; the policy's own message follows
                 raise RuntimeError(f"{where}: the policy raised {type(e).__name__}: {e}") from e
             policy_s += time.perf_counter() - t0
@@ -178,6 +179,8 @@ def evaluate(
     image_size: int = 128,
     device: str = "cpu",
     progress: bool = True,
+    num_samples: int = 1,
+    selector: str | dict | None = None,
 ) -> dict[str, Any]:
     """Success rate per task over `episodes_per_task` held-out variations.
 
@@ -193,6 +196,10 @@ def evaluate(
         raise ValueError(f"n_action_steps: expected >= 1 or None (the policy's own), received {n_action_steps}")
     if not isinstance(policy, (str, Path)) and not callable(policy):
         raise TypeError(f"policy: expected a checkpoint path or a factory callable, received {policy!r}")
+    if not isinstance(num_samples, int) or num_samples < 1 or (num_samples > 1 and selector is None):
+        raise ValueError(f"num_samples: expected an int >= 1, and a selector when > 1; received {num_samples!r} "
+                         f"with selector {selector!r}")
+    predict_kwargs = {} if selector is None else {"num_samples": num_samples, "selector": selector}
     task_list = resolve_tasks(tasks)
     cams = check_cameras(cameras if cameras is not None else policy_cameras(policy))
     videos = Path(video_dir) if video_dir is not None and videos_per_task > 0 else None
@@ -210,7 +217,7 @@ def evaluate(
     spec = str(policy) if isinstance(policy, Path) else policy
     episodes = []
     with contextlib.closing(run_jobs(eval_episode, jobs, workers, "eval episodes", progress,
-                                     _set_policy_spec, (spec, device))) as results:
+                                     _set_policy_spec, (spec, device, predict_kwargs))) as results:
         for ep in results:
             episodes.append(ep)
     per_task: dict[str, Any] = {}
@@ -222,7 +229,7 @@ def evaluate(
             "ci95": [round(x, 4) for x in wilson_interval(k, len(eps))],
             "episode_lengths": [e["length"] for e in eps], "successful": [e["success"] for e in eps],
             "variations": [e["variation"] for e in eps], "seeds": [e["seed"] for e in eps],
-            "policy_s": round(sum(e["policy_s"] for e in eps), 2),
+            "policy_s": round(sum(e["policy_s"] for e in eps), 2), "chunks": sum(e["chunks"] for e in eps),
             "videos": [{"path": e["video"], "episode": e["episode"], "success": e["success"]}
                        for e in eps if e["video"]],
         }
@@ -236,7 +243,7 @@ def evaluate(
         "ci95": [round(x, 4) for x in wilson_interval(total, n)],
         "interval_method": "Wilson score, 95%, over episodes (per task and pooled for the mean)",
         "episodes_per_task": episodes_per_task, "seed": seed, "workers": workers, "max_steps": max_steps,
-        "n_action_steps": n_action_steps,
+        "n_action_steps": n_action_steps, "num_samples": num_samples, "selector": selector,
         "n_action_steps_used": sorted({e["n_action_steps"] or 0 for e in episodes}),  # 0: whole chunks
         "cameras": list(cams), "image_size": int(image_size),
         "variation_pools": "eval: metaworld.MT1(task, seed=k).train_tasks for odd k; training uses even k",
@@ -260,8 +267,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: from the checkpoint, else corner2)")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--selector", "--selector.type", dest="selector", default=None,
+                   help="test-time chunk selector: first, consistency, cfn, world_model (docs/selectors.md)")
+    p.add_argument("--selector.path", dest="selector_path", default=None,
+                   help="selector assets (cfn: default the CFN saved with the policy; world_model: required)")
+    p.add_argument("--num-samples", type=int, default=1, help="candidate chunks per re-plan (needs --selector)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _selector_spec(args: argparse.Namespace) -> str | dict | None:
+    if args.selector_path is not None and args.selector is None:
+        raise SystemExit("--selector.path needs --selector NAME")
+    if args.selector is None:
+        return None
+    return args.selector if args.selector_path is None else {"type": args.selector, "path": args.selector_path}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -278,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        args.n_action_steps, args.out / "videos", args.videos_per_task,
                        tuple(c for c in args.cameras.split(",") if c) if args.cameras else None,
                        args.image_size, args.device,
-                       not args.no_progress)
+                       not args.no_progress, args.num_samples, _selector_spec(args))
     results["commit"] = git_commit()
     paths = write_report(results, args.out)
     width = max(len(t) for t in results["tasks"])

@@ -123,6 +123,7 @@ class TimmLMBackbone(Backbone):
         self.norm = RMSNorm(cfg.width)
         nn.init.normal_(self.token_embed.weight, std=0.02)
         nn.init.normal_(self.camera_embed.weight, std=0.02)
+        self.train()  # a fresh module is in training mode: put BatchNorm in eval already (see train())
 
     def train(self, mode: bool = True) -> "TimmLMBackbone":
         super().train(mode)

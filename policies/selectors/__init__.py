@@ -1,0 +1,19 @@
+"""Test-time action-chunk selection: N candidates from one backbone pass, one chosen (docs/selectors.md).
+
+Registered selectors: ``first`` (baseline), ``consistency`` (medoid), ``cfn`` (pseudo-count, TACO),
+``world_model`` (reward from the post-training world model).
+"""
+from policies.selectors.base import (  # noqa: F401
+    SELECTOR_DIR,
+    ChunkSelector,
+    SelectorConfig,
+    load_selector,
+    make_selector,
+    resolve_selector,
+    sample_and_select,
+    selector_config_class,
+    selector_names,
+)
+from policies.selectors.cfn import CfnConfig, CfnSelector, CoinFlipNetwork, fit_cfn  # noqa: F401
+from policies.selectors.simple import ConsistencySelector, FirstSelector  # noqa: F401
+from policies.selectors.world_model import WorldModelSelector  # noqa: F401

@@ -1,0 +1,300 @@
+"""Test-time chunk selectors: the contract for every registered selector, the CFN's pseudo-count, one
+backbone pass for N candidates, saving the CFN with a policy, `vla post-train cfn`, broker and errors."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from policies.broker import ChunkBroker
+from policies.selectors import (
+    ChunkSelector,
+    CoinFlipNetwork,
+    WorldModelSelector,
+    fit_cfn,
+    load_selector,
+    make_selector,
+    selector_names,
+)
+from policies.selectors.cfn import CfnSelector
+from vla.registry import UnknownNameError
+
+B, N, H, A, W = 3, 6, 4, 3, 16
+
+
+def _low_rank_features(m: int, w: int = W, rank: int = 3, seed: int = 0) -> torch.Tensor:
+    """(m, w) features on a rank-3 subspace: structured, like a head's hidden states."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, w, generator=g)
+    return torch.randn(m, rank, generator=g) @ basis + 0.01 * torch.randn(m, w, generator=g)
+
+
+class _RewardModel:
+    """A world model stand-in with the post_training contract: reward(obs, chunks, goal) -> (B, N)."""
+
+    def reward(self, obs, chunks, goal):
+        return -chunks.float().abs().mean((-1, -2))  # prefers small actions
+
+
+def _tiny_cfn(w: int = W) -> CfnSelector:
+    net, _ = fit_cfn(_low_rank_features(64, w), flips=8, hidden=16, depth=1, steps=20)
+    return CfnSelector(net)
+
+
+# Every registered selector must have a builder here, so a new one is tested the day it is registered.
+BUILDERS = {
+    "first": lambda: make_selector("first"),
+    "consistency": lambda: make_selector("consistency"),
+    "cfn": _tiny_cfn,
+    "world_model": lambda: WorldModelSelector(_RewardModel()),
+}
+
+
+def test_every_registered_selector_has_a_test_builder() -> None:
+    assert sorted(BUILDERS) == selector_names()
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_select_returns_one_candidate_and_its_score(name: str) -> None:
+    sel = BUILDERS[name]()
+    assert isinstance(sel, ChunkSelector) and sel.name == name
+    g = torch.Generator().manual_seed(1)
+    cands = torch.randn(B, N, H, A, generator=g)
+    feats = torch.randn(B, N, H, W, generator=g)
+    chunk, scores = sel.select(cands, obs=SimpleNamespace(batch_size=B), prefix=None, features=feats)
+    assert chunk.shape == (B, H, A) and scores.shape == (B, N)
+    assert torch.isfinite(scores).all()
+    for b in range(B):
+        k = int(scores[b].argmax())
+        assert torch.equal(chunk[b], cands[b, k])  # one of the candidates, the best-scored one
+    # One candidate: it is the answer, whatever the selector.
+    one, s1 = sel.select(cands[:, :1], obs=SimpleNamespace(batch_size=B), prefix=None, features=feats[:, :1])
+    assert torch.equal(one, cands[:, 0]) and s1.shape == (B, 1)
+
+
+def test_first_and_consistency_choices() -> None:
+    cands = torch.zeros(1, 5, H, A)
+    cands[0, 0] += 10.0  # an outlier first draw
+    for k, v in enumerate([0.0, 0.1, -0.1, -0.2]):
+        cands[0, k + 1] += v
+    assert torch.equal(make_selector("first").select(cands)[0], cands[:, 0])
+    chunk, scores = make_selector("consistency").select(cands)
+    assert torch.equal(chunk, cands[:, 1])  # the medoid, not the outlier nor the mean
+    assert int(scores.argmin()) == 0
+
+
+def test_consistency_ignores_padded_action_dims() -> None:
+    cands = torch.zeros(1, 3, H, A)
+    cands[0, 1, :, 0] = 0.2
+    cands[0, 2, :, 0] = 0.3  # real dim 0: {0, 0.2, 0.3}, medoid 0.2 (candidate 1)
+    cands[0, 1, :, 2] = 5.0  # padded dim: garbage the robot never receives
+    prefix = SimpleNamespace(extras={"action_dim_mask": torch.tensor([[True, True, False]])})
+    chunk, _ = make_selector("consistency").select(cands, prefix=prefix)
+    assert torch.equal(chunk, cands[:, 1])
+    chunk_nomask, _ = make_selector("consistency").select(cands)
+    assert torch.equal(chunk_nomask, cands[:, 2])  # the garbage would have decided otherwise
+
+
+def test_non_finite_candidates_are_never_chosen() -> None:
+    cands = torch.zeros(2, 3, H, A)
+    cands[0, 0, 1, 1] = float("nan")
+    cands[0, 1, 0, 0] = float("inf")
+    chunk, scores = make_selector("first").select(cands)
+    assert torch.isfinite(chunk).all() and torch.equal(chunk[0], cands[0, 2])
+    assert scores[0, 0] == -torch.inf and scores[0, 1] == -torch.inf
+    cands[1] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"batch items \[1\]"):
+        make_selector("consistency").select(cands)
+
+
+def test_bad_inputs_and_names() -> None:
+    with pytest.raises(UnknownNameError, match="known selectors: .*consistency.*Did you mean 'consistency'"):
+        make_selector("consistensy")
+    with pytest.raises(ValueError, match=r"\(B, N, H, A\)"):
+        make_selector("first").select(torch.zeros(2, 3, 4))
+    with pytest.raises(ValueError, match="return_features"):
+        _tiny_cfn().select(torch.zeros(1, 2, H, A))
+    with pytest.raises(ValueError, match="width 16"):
+        _tiny_cfn().select(torch.zeros(1, 2, H, A), features=torch.zeros(1, 2, H, W + 1))
+    with pytest.raises(ValueError, match="needs a world model.*--selector.path"):
+        make_selector("world_model")
+    with pytest.raises(ValueError, match="needs a world model"):
+        WorldModelSelector(None)
+    with pytest.raises(ValueError, match="vla post-train cfn"):
+        make_selector("cfn")  # no path, no policy with a saved CFN
+    with pytest.raises(FileNotFoundError, match="vla post-train cfn"):
+        make_selector("cfn", SimpleNamespace(selector_dir=Path("/nonexistent/selector")))
+
+
+def test_cfn_counts_training_features_higher_than_noise() -> None:
+    """After a short fit, familiar features have a lower 1/count (mean squared flip) than OOD noise."""
+    train = _low_rank_features(512)
+    net, report = fit_cfn(train, flips=16, hidden=64, depth=2, steps=300, seed=0)
+    noise = train.mean(0) + train.std(0) * torch.randn(512, W)  # same marginals, none of the structure
+    inv_train = net.inverse_count(train).mean()
+    inv_noise = net.inverse_count(noise).mean()
+    assert inv_train < 0.5 * inv_noise, (float(inv_train), float(inv_noise))
+    assert report["inverse_count_train"] < report["inverse_count_noise"]
+    # Unfitted, the random prior dominates: counts ~1 everywhere (nothing is familiar yet).
+    fresh = CoinFlipNetwork(W, flips=16, hidden=64)
+    fresh.calibrate(train)
+    assert 0.5 < float(fresh.inverse_count(train).mean()) < 3.0
+    # The selector prefers the familiar candidate.
+    feats = torch.stack([train[:1], noise[:1]], 1)[:, :, None].expand(1, 2, H, W)  # (1, 2, H, W)
+    chunk, scores = CfnSelector(net).select(torch.arange(2.0).view(1, 2, 1, 1).expand(1, 2, H, A), features=feats)
+    assert scores[0, 0] > scores[0, 1] and float(chunk[0, 0, 0]) == 0.0
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_cfn_save_load_roundtrip(tmp_path: Path, center: bool) -> None:
+    sel = _tiny_cfn()
+    sel.center = center
+    sel.save_pretrained(tmp_path / "selector")
+    again = load_selector(tmp_path / "selector")
+    assert isinstance(again, CfnSelector) and again.path == str(tmp_path / "selector") and again.center == center
+    feats = torch.randn(2, 5, H, W)
+    cands = torch.randn(2, 5, H, A)
+    assert torch.allclose(sel.select(cands, features=feats)[1], again.select(cands, features=feats)[1])
+
+
+# --- with a real (tiny) policy -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    from vla.config import TrainConfig, parse_config
+    from vla.data.synthetic import make_synthetic_dataset
+    from vla.presets import get_preset
+    from vla.train import train
+
+    tmp = tmp_path_factory.mktemp("sel")
+    data = make_synthetic_dataset(tmp / "syn", num_episodes=2, episode_len=10)
+    cfg = parse_config(TrainConfig, get_preset("debug"), [
+        f"--output_dir={tmp / 'run'}", f"--dataset.root={data}", "--dataset.synthetic=false", "--batch_size=4",
+        "--steps=2", "--save_every=0", "--warmup_steps=1", "--log_every=1"])
+    return train(cfg), data
+
+
+def _raw(policy) -> dict:
+    raw = {k: (np.random.default_rng(0).random((24, 24, 3)) * 255).astype(np.uint8)
+           for k in policy.preprocessor.camera_map}
+    raw["observation.state"] = np.zeros(policy.preprocessor.state_dim, np.float32)
+    raw["task"] = "push the red block"
+    return raw
+
+
+def test_post_train_cfn_saves_with_policy_and_selects(checkpoint, tmp_path: Path) -> None:
+    """`vla post-train cfn` writes <policy>/selector/; from_pretrained finds it by name; N candidates
+    cost one backbone pass (a forward hook on the image encoder and a counter on encode_prefix)."""
+    import shutil
+
+    from post_training.cfn_train import main
+    from vla.policy import VLAPolicy
+
+    ckpt, data = checkpoint
+    policy_dir = tmp_path / "policy"
+    shutil.copytree(ckpt, policy_dir)
+    args = ["--policy", str(policy_dir), "--dataset", str(data), "--max-observations", "12", "--num-samples", "4",
+            "--batch-size", "6", "--hidden", "16", "--flips", "8", "--features-cache", str(tmp_path / "f.pt")]
+    assert main([*args, "--steps", "5"]) == 0 and (tmp_path / "f.pt").is_file()
+    assert main([*args, "--steps", "30"]) == 0  # refit from the cached candidate features
+    assert (policy_dir / "selector" / "cfn.safetensors").is_file()
+    import json
+
+    fit = json.loads((policy_dir / "selector" / "cfn_config.json").read_text())["fit"]
+    assert fit["steps"] == 30 and fit["frames"] == 12 and set(fit["heldout_selection_mse"]) >= {"first", "cfn", "oracle"}
+    assert fit["heldout_selection_mse"]["oracle"] <= fit["heldout_selection_mse"]["first"]
+    policy = VLAPolicy.from_pretrained(policy_dir)
+    raw = _raw(policy)
+
+    calls: list[int] = []
+    policy.backbone.vision.conv_stem.register_forward_hook(lambda *a: calls.append(1))
+    encode = policy.backbone.encode_prefix
+    passes: list[int] = []
+    policy.backbone.encode_prefix = lambda obs: (passes.append(1), encode(obs))[1]
+    for name in ("first", "consistency", "cfn"):
+        calls.clear(), passes.clear()
+        chunk = policy.predict_action_chunk(raw, num_samples=8, selector=name)
+        assert chunk.shape == (policy.config.chunk_size, policy.preprocessor.action_dim) and np.isfinite(chunk).all()
+        assert policy.last_scores.shape == (1, 8)
+        assert len(passes) == 1 and len(calls) == 1, (name, passes, calls)
+    # The chosen chunk is one of the candidates: same noise, all candidates, then the argmax.
+    g = lambda: torch.Generator().manual_seed(5)
+    allc = policy.predict_action_chunk(raw, num_samples=8, generator=g())
+    chosen = policy.predict_action_chunk(raw, num_samples=8, generator=g(), selector="cfn")
+    assert np.allclose(chosen, allc[int(policy.last_scores[0].argmax())], atol=1e-5)
+    # First at N candidates = the first draw of the same noise.
+    first = policy.predict_action_chunk(raw, num_samples=8, generator=g(), selector="first")
+    assert np.allclose(first, allc[0], atol=1e-6)
+    # Batched input gives one chosen chunk per item.
+    batched = {k: (np.stack([v, v]) if isinstance(v, np.ndarray) else [v, v]) for k, v in raw.items()}
+    assert policy.predict_action_chunk(batched, num_samples=3, selector="consistency").shape[:1] == (2,)
+
+    broker = ChunkBroker(policy, num_samples=4, selector="cfn")
+    assert broker.act(raw).shape == (policy.preprocessor.action_dim,)
+    with pytest.raises(ValueError, match="needs a selector"):
+        ChunkBroker(policy, num_samples=4)
+
+
+def test_cfn_selector_missing_for_policy(checkpoint) -> None:
+    from vla.policy import VLAPolicy
+
+    policy = VLAPolicy.from_pretrained(checkpoint[0])
+    with pytest.raises(FileNotFoundError, match="vla post-train cfn"):
+        policy.predict_action_chunk(_raw(policy), num_samples=2, selector="cfn")
+    with pytest.raises(ValueError, match="num_samples"):
+        policy.predict_action_chunk(_raw(policy), num_samples=0, selector="first")
+
+
+def test_world_model_selector_with_a_saved_world_model(checkpoint, tmp_path: Path) -> None:
+    """Built from --selector.path; when the world model's encoder is the policy itself, the policy's
+    prefix is reused (one backbone pass) and the scores equal the world model's reward on that obs."""
+    from post_training.world_model import world_model_for
+    from vla.policy import VLAPolicy
+
+    ckpt = checkpoint[0]
+    policy = VLAPolicy.from_pretrained(ckpt)
+    torch.manual_seed(0)
+    wm = world_model_for(policy, encoder_path=str(ckpt), width=32, num_layers=1, num_heads=2)
+    torch.nn.init.normal_(wm.delta_out.weight, std=0.1)  # an untrained model predicts "no change": make it act
+    wm.save_pretrained(tmp_path / "wm")
+    raw = _raw(policy)
+    passes: list[int] = []
+    encode = policy.backbone.encode_prefix
+    policy.backbone.encode_prefix = lambda obs: (passes.append(1), encode(obs))[1]
+    spec = {"type": "world_model", "path": str(tmp_path / "wm")}
+    chunk = policy.predict_action_chunk(raw, num_samples=5, selector=spec)
+    assert chunk.shape == (policy.config.chunk_size, policy.preprocessor.action_dim) and len(passes) == 1
+    sel = make_selector("world_model", policy, path=str(tmp_path / "wm"))
+    assert sel.use_prefix and sel.world_model.encoder is policy
+    assert policy.last_scores.shape == (1, 5) and np.isfinite(policy.last_scores).all()
+    with pytest.raises(FileNotFoundError, match="not a world model"):
+        make_selector("world_model", policy, path=str(tmp_path))
+
+
+class _SelectingPolicy:
+    """Asserts that the evaluator passes num_samples / selector to predict_action_chunk."""
+
+    config = SimpleNamespace(n_action_steps=4)
+
+    def reset(self) -> None:
+        pass
+
+    def predict_action_chunk(self, obs, num_samples=1, selector=None):
+        assert (num_samples, selector) == (3, "consistency"), (num_samples, selector)
+        return np.zeros((8, 4), np.float32)
+
+
+def test_metaworld_evaluate_passes_the_selector() -> None:
+    pytest.importorskip("metaworld")
+    from benchmarks.metaworld.evaluate import evaluate
+
+    res = evaluate(_SelectingPolicy, ["reach"], episodes_per_task=1, workers=1, max_steps=8, image_size=32,
+                   progress=False, num_samples=3, selector="consistency")
+    assert res["selector"] == "consistency" and res["num_samples"] == 3
+    assert res["tasks"]["reach-v3"]["chunks"] == 2
+    with pytest.raises(ValueError, match="selector"):
+        evaluate(_SelectingPolicy, ["reach"], episodes_per_task=1, num_samples=3, progress=False)
