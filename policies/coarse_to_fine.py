@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from action_tokenizers.base import TokenizerConfig
@@ -91,13 +90,6 @@ class CoarseToFineHead(TokenHead):
         x = torch.cat([self.state_token(prefix), self._tokens(inputs, 0)], 1)
         h = backbone.extend(x, prefix, self.mask)[:, 1:]
         return self.code_out(h), h
-
-    def loss(self, backbone: Backbone, prefix: Prefix, actions: Tensor, is_pad: Tensor, **kw) -> Tensor:
-        """(B, H) per-step share of the chunk's code NLL; ``sum(-1)`` is the exact sequence NLL."""
-        codes, mask = self.encode_actions(actions, prefix.extras.get("action_dim_mask"))
-        logits, _ = self.logits(backbone, prefix, codes)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), codes, reduction="none")  # (B, L)
-        return self.step_loss(nll, mask, is_pad)
 
     # --- sampling: one forward pass per scale -------------------------------------------------
     @torch.no_grad()

@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from action_tokenizers.base import TokenizerConfig
@@ -118,13 +117,6 @@ class DiscreteHead(TokenHead):
             x = torch.cat([first, self.code_emb(codes[:, :-1]) + slots[1:n_codes]], 1)
             h = backbone.extend(x, prefix)  # causal among the new tokens
         return self.code_out(h), h
-
-    def loss(self, backbone: Backbone, prefix: Prefix, actions: Tensor, is_pad: Tensor, **kw) -> Tensor:
-        """(B, H) per-step NLL of the chunk's codes; ``sum(-1)`` is the exact sequence NLL."""
-        codes, mask = self.targets(actions, prefix)
-        logits, _ = self.logits(backbone, prefix, codes)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), codes, reduction="none")  # (B, L)
-        return self.step_loss(nll, mask, is_pad)
 
     # --- sampling -----------------------------------------------------------------------------
     @torch.no_grad()

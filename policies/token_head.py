@@ -134,6 +134,22 @@ class TokenHead(ActionHead):
             return nll.view(b, h, tok.action_dim).sum(-1) * valid  # padded steps' codes do not count
         return nll.sum(-1, keepdim=True) * valid / valid.sum(-1, keepdim=True).clamp(min=1.0)
 
+    # --- the loss: teacher forcing through the head's own ``logits`` ------------------------------
+    def targets(self, actions: Tensor, prefix: Prefix) -> tuple[Tensor, Tensor]:
+        """Codes (B, L) and mask (B, L) the head is trained to predict (heads may add an EOS)."""
+        return self.encode_actions(actions, prefix.extras.get("action_dim_mask"))
+
+    def logits(self, backbone, prefix: Prefix, codes: Tensor) -> tuple[Tensor, Tensor]:
+        """codes (B, L) -> logits (B, L, V) and the hidden states that produced them."""
+        raise NotImplementedError
+
+    def loss(self, backbone, prefix: Prefix, actions: Tensor, is_pad: Tensor, **kw) -> Tensor:
+        """(B, H) per-step NLL of the chunk's codes; ``sum(-1)`` is the exact sequence NLL."""
+        codes, mask = self.targets(actions, prefix)
+        logits, _ = self.logits(backbone, prefix, codes)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), codes, reduction="none")  # (B, L)
+        return self.step_loss(nll, mask, is_pad)
+
     # --- shared pieces of the forward pass ------------------------------------------------------
     def state_token(self, prefix: Prefix) -> Tensor:
         """(B, 1, hidden): the normalized robot state as the first suffix token."""
