@@ -93,7 +93,10 @@ def test_two_processes_train_export_and_resume(tmp_path: Path, robots, stage: in
     assert policy.preprocessor.embodiment == "robot_a"
     chunk = policy.predict_action_chunk(_raw(4, ["observation.images.cam0"], 32))
     assert chunk.shape == (policy.config.chunk_size, 3) and np.isfinite(chunk).all()
-    policy.preprocessor = policy.preprocessor.for_embodiment("robot_b")
+    policy = VLAPolicy.from_pretrained(straight / "checkpoints/last/pretrained_model", embodiment="robot_b")
+    assert policy.preprocessor.embodiment == "robot_b"
+    with pytest.raises((KeyError, ValueError), match="robot_a"):  # the error lists the known embodiments
+        VLAPolicy.from_pretrained(straight / "checkpoints/last/pretrained_model", embodiment="robot_c")
     chunk = policy.predict_action_chunk(_raw(6, ["observation.images.top", "observation.images.wrist"], 24))
     assert chunk.shape == (policy.config.chunk_size, 4) and np.isfinite(chunk).all()
     # Per-rank memory is logged.

@@ -139,8 +139,12 @@ class VLAPolicy(nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> "VLAPolicy":
-        """Load a policy saved by :meth:`save_pretrained` (or a LoRA adapter checkpoint)."""
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        embodiment: str | None = None) -> "VLAPolicy":
+        """Load a policy saved by :meth:`save_pretrained` (or a LoRA adapter checkpoint).
+
+        ``embodiment`` picks the normalization statistics of one robot of a mixture-pretrained checkpoint
+        (``vla pretrain --mixture``); None = its default. An unknown name lists the known ones."""
         path = Path(path)
         from vla.lora import ADAPTER_CONFIG_NAME, load_adapter_checkpoint
 
@@ -159,8 +163,8 @@ class VLAPolicy(nn.Module):
             from vla.data.processor import Preprocessor
 
             policy.preprocessor = Preprocessor.from_state_dict(
-                json.loads((path / PREPROCESSOR_NAME).read_text()), config, policy.backbone.tokenize
-            )
+                json.loads((path / PREPROCESSOR_NAME).read_text()), config, policy.backbone.tokenize,
+                embodiment=embodiment)
         return policy.to(device).eval()
 
 
