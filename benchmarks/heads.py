@@ -35,7 +35,7 @@ def head_variants() -> dict[str, object]:
         "flow_matching": get_preset("metaworld").policy.head,
         "discrete (autoregressive, uniform 256)": DiscreteConfig(tokenizer=uniform(n_bins=256)),
         "discrete (parallel, uniform 256)": DiscreteConfig(tokenizer=uniform(n_bins=256), decoding="parallel"),
-        "coarse_to_fine (msvq 1-2-3-4)": CoarseToFineConfig(),
+        "coarse_to_fine (msvq 1-2-4-8)": CoarseToFineConfig(),
     }
 
 
