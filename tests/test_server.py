@@ -132,8 +132,7 @@ def test_round_trip_matches_the_local_policy(url: str, ckpts) -> None:
 def test_samples_and_selector_pass_through(url: str) -> None:
     with PolicyClient(url) as client:
         assert client.infer(_obs(), num_samples=3).actions.shape == (3, 4, 3)
-        if not client.metadata["supports"]["selector"]:
-            pytest.skip("this policy has no selector support yet")
+        assert client.metadata["supports"]["selector"], "VLAPolicy.predict_action_chunk takes selector="
         reply = client.infer(_obs(), num_samples=3, selector="first")
         assert reply.actions.shape == (4, 3) and reply.scores is not None and reply.scores.shape[-1] == 3
         with pytest.raises(ServerError, match="selector"):

@@ -66,14 +66,19 @@ def prepare_synthetic(dataset_cfg, output_dir: str, image_size: int) -> None:
         dataset_cfg.root = str(root)
 
 
+def seed_everything(seed: int, torch_threads: int = 0) -> None:
+    """Seed python, numpy and torch; ``torch_threads > 0`` also fixes torch's thread count."""
+    if torch_threads > 0:
+        torch.set_num_threads(torch_threads)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run training; returns the path of the final policy checkpoint."""
     # 1. Determinism and threads.
-    if cfg.torch_threads > 0:
-        torch.set_num_threads(cfg.torch_threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"

@@ -40,7 +40,7 @@ from vla.ds_engine import (LossModule, deepspeed_config, enable_activation_check
                            export_policy, memory_mb, register_unhooked_parameters, restore_channels_last,
                            skip_cpuinfo_probe, to_contiguous_parameters)
 from vla.policy import VLAPolicy
-from vla.train import check_same_architecture, prepare_synthetic, resolve_device
+from vla.train import check_same_architecture, prepare_synthetic, resolve_device, seed_everything
 
 log = logging.getLogger("vla.pretrain")
 DS_DIR, DS_TAG, RNG_DIR = "deepspeed", "state", "rng"
@@ -113,11 +113,7 @@ def pretrain(cfg: PretrainConfig, local_rank: int | None = None) -> Path:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")  # DeepSpeed's calls
     info = init_distributed(cfg.deepspeed.backend, local_rank)
     _quiet_other_ranks(info)
-    if cfg.torch_threads > 0:
-        torch.set_num_threads(cfg.torch_threads)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed, cfg.torch_threads)
     device = resolve_device(cfg.device)
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
