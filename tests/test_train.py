@@ -66,7 +66,8 @@ def test_train_checkpoint_reload_predict(tmp_path: Path, synthetic: Path) -> Non
     # the metaworld preset's settings: bf16 autocast, random-crop augmentation, a data-loader worker
     ("--bf16=true", "--dataset.crop_scale=0.8", "--num_workers=1"),
     ("--lora.enabled=true", "--lora.r=4"),
-], ids=["fp32", "bf16-crop-worker", "lora"])
+    ("--ema_decay=0.9",),
+], ids=["fp32", "bf16-crop-worker", "lora", "ema"])
 def test_resume_continues_exactly(tmp_path: Path, synthetic: Path, extra: tuple[str, ...]) -> None:
     straight = tmp_path / "straight"
     train(_cfg(straight, synthetic, "--steps=4", *extra))

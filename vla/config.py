@@ -125,6 +125,9 @@ class TrainConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0
+    # > 0: keep an exponential moving average of the trainable weights (e.g. 0.999, warmed up) and save
+    # it as the checkpoint's policy; the raw weights go into training_state.pt for --resume.
+    ema_decay: float = 0.0
     bf16: bool = False  # autocast matmuls to bf16 on CPU/GPU
     seed: int = 0
     num_workers: int = 0

@@ -19,6 +19,7 @@ import torch
 from vla.checkpoint import (LAST, MODEL_DIR, latest_step_dir, load_training_state, rng_state, save_checkpoint,
                             set_rng_state)
 from vla.config import PolicyConfig, TrainConfig, to_dict
+from vla.ema import EMA, load_trainable_state, trainable_state
 from vla.policy import VLAPolicy
 from vla.sampler import ResumableBatchSampler
 from vla.schedule import make_optimizer
@@ -137,6 +138,7 @@ def train(cfg: TrainConfig) -> Path:
     opt, sched = make_optimizer(policy, cfg.lr, cfg.weight_decay, cfg.warmup_steps, cfg.steps,
                                 cfg.min_lr_ratio, cfg.backbone_lr_scale)
     step, batches_done = 0, 0
+    ema = EMA(policy, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if cfg.resume:
         ckpt = ckpt_root / LAST
         state = load_training_state(ckpt)
@@ -145,6 +147,9 @@ def train(cfg: TrainConfig) -> Path:
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         step, batches_done = state["step"], state["batches_done"]
+        if ema is not None:  # the checkpoint's policy is the average; the run continues from the raw weights
+            ema.load_state_dict(state["ema"])
+            load_trainable_state(policy, state["raw_weights"])
         log.info("resumed from %s at step %d", ckpt.resolve(), step)
 
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_batch=batches_done)
@@ -168,7 +173,11 @@ def train(cfg: TrainConfig) -> Path:
 
         state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state(),
                  "step": at_step, "batches_done": batches_done}
-        return save_checkpoint(ckpt_root, at_step, write_model, state, to_dict(cfg), cfg.keep_last)
+        if ema is None:
+            return save_checkpoint(ckpt_root, at_step, write_model, state, to_dict(cfg), cfg.keep_last)
+        state["ema"], state["raw_weights"] = ema.state_dict(), trainable_state(policy)
+        with ema.swapped(policy):  # the saved policy is the average (what evaluation and robots use)
+            return save_checkpoint(ckpt_root, at_step, write_model, state, to_dict(cfg), cfg.keep_last)
 
     # 5. The loop: grad_accum micro-batches per optimizer step; loss = mean over valid action steps.
     out.mkdir(parents=True, exist_ok=True)
@@ -199,6 +208,8 @@ def train(cfg: TrainConfig) -> Path:
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.update(policy)
         step += 1
         losses.append(total)
         bar.update(1)

@@ -124,6 +124,9 @@ def pretrain(cfg: PretrainConfig, local_rank: int | None = None) -> Path:
     if cfg.lora.enabled or getattr(cfg, "refit_tokenizer", False):
         raise ValueError("vla pretrain: --lora.enabled and --refit_tokenizer are for fine-tuning (vla train), "
                          "not pretraining")
+    if cfg.ema_decay > 0:
+        raise ValueError(f"vla pretrain: --ema_decay={cfg.ema_decay} is not supported under DeepSpeed (ZeRO shards "
+                         "the weights); use --ema_decay=0, or vla train for an EMA run")
 
     # 2. The policy, then the mixture (its preprocessors need the backbone's tokenizer).
     if cfg.init_from:
