@@ -14,8 +14,8 @@ are left as they are. The shadow copy is fp32 whatever the parameters' dtype.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 

@@ -16,8 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vla.checkpoint import (LAST, MODEL_DIR, latest_step_dir, load_training_state, rng_state, save_checkpoint,
-                            set_rng_state)
+from vla.checkpoint import (
+    LAST,
+    MODEL_DIR,
+    latest_step_dir,
+    load_training_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from vla.config import PolicyConfig, TrainConfig, to_dict
 from vla.ema import EMA, load_trainable_state, trainable_state
 from vla.policy import VLAPolicy
@@ -45,7 +52,7 @@ def build_data(cfg: TrainConfig):
     return dataset, spec, stats
 
 
-def normalized_action_chunks(dataset, preprocessor, horizon: int, max_chunks: int = 20000) -> "np.ndarray":
+def normalized_action_chunks(dataset, preprocessor, horizon: int, max_chunks: int = 20000) -> np.ndarray:
     """(N, horizon, A) normalized action windows inside episodes (no padded steps), for fitting tokenizers."""
     from vla.data.chunks import chunks_from_dataset
 

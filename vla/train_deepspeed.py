@@ -32,15 +32,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vla.checkpoint import (LAST, MODEL_DIR, TRAINING_STATE, latest_step_dir, publish_checkpoint, rng_state,
-                            set_rng_state)
+from vla.checkpoint import (
+    LAST,
+    MODEL_DIR,
+    TRAINING_STATE,
+    latest_step_dir,
+    publish_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from vla.config import PretrainConfig, from_dict, parse_config, to_dict
 from vla.distributed import DistInfo, all_reduce_mean, barrier, init_distributed
-from vla.ds_engine import (LossModule, deepspeed_config, enable_activation_checkpointing, engine_state_mb,
-                           export_policy, memory_mb, register_unhooked_parameters, restore_channels_last,
-                           skip_cpuinfo_probe, to_contiguous_parameters)
+from vla.ds_engine import (
+    LossModule,
+    deepspeed_config,
+    enable_activation_checkpointing,
+    engine_state_mb,
+    export_policy,
+    memory_mb,
+    register_unhooked_parameters,
+    restore_channels_last,
+    skip_cpuinfo_probe,
+    to_contiguous_parameters,
+)
 from vla.policy import VLAPolicy
-from vla.train import check_same_architecture, prepare_synthetic, resolve_device, seed_everything
+from vla.train import (
+    check_same_architecture,
+    prepare_synthetic,
+    resolve_device,
+    seed_everything,
+)
 
 log = logging.getLogger("vla.pretrain")
 DS_DIR, DS_TAG, RNG_DIR = "deepspeed", "state", "rng"
