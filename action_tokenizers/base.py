@@ -159,6 +159,11 @@ class ActionTokenizer:
     # Codes laid out one (step, dim) per position, time-major (``t * A + a``): a step's loss is its own
     # codes' loss. False for tokenizers whose codes describe the whole chunk (FAST, multi-scale VQ).
     codes_per_step: bool = False
+    @property
+    def tokens_per_step(self) -> int:
+        """Codes per action step of a ``codes_per_step`` layout: A, fewer when dims share a joint token."""
+        return self.action_dim
+
     # Every chunk takes the same number of codes (False for FAST: BPE lengths vary, heads add an EOS).
     fixed_length: bool = True
 

@@ -153,7 +153,7 @@ class DiscreteHead(TokenHead):
     def allowed_ids(self, device) -> Tensor:
         """(L, V_out) bool: what sampling may pick at each code slot (decodable ids; EOS rules)."""
         tok = self._require_tokenizer()
-        length = tok.horizon * tok.action_dim if tok.fixed_length else self.max_codes + 1
+        length = tok.horizon * tok.tokens_per_step if tok.fixed_length else self.max_codes + 1
         allowed = self.logit_mask(length, self.code_out.out_features, device)
         if self.variable:
             allowed[-1, :] = False  # the last slot can only end the sequence

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from policies.base import ActionHead, masked_step_mean
 from vla.backbones.base import Backbone
 from vla.config import HeadConfig, PolicyConfig
-from vla.nn import Block, RMSNorm, attend, sincos_embedding
+from vla.nn import Block, RMSNorm, attend, attend_shared_prefix, sincos_embedding
 from vla.types import Prefix
 
 
@@ -82,11 +82,18 @@ class FlowMatchingHead(ActionHead):
         self_mask: (T, T) bool among the new tokens. Returns normed output and new per-layer (k, v).
         """
         b, t, _ = x.shape
-        mask = torch.cat([ctx.mask[:, None, :].expand(b, t, -1), self_mask[None].expand(b, t, t)], dim=2)
+        shared = b != ctx.batch_size  # N candidates per observation on one (un-repeated) context
+        if shared and b % ctx.batch_size:
+            raise ValueError(f"flow_matching: {b} suffix rows do not split into the context's {ctx.batch_size} rows")
+        if not shared:
+            mask = torch.cat([ctx.mask[:, None, :].expand(b, t, -1), self_mask[None].expand(b, t, t)], dim=2)
         new_kv = []
         for blk, (pk, pv) in zip(self.blocks, ctx.kv):
             q, k, v = blk.qkv(x, positions)
-            out = attend(q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), mask)
+            if shared:
+                out = attend_shared_prefix(q, pk, pv, ctx.mask, k, v, self_mask)
+            else:
+                out = attend(q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), mask)
             x = blk.finish(x, out)
             new_kv.append((k, v))
         return self.norm(x), new_kv
@@ -117,9 +124,12 @@ class FlowMatchingHead(ActionHead):
         )
 
     def velocity(self, ctx: Prefix, x_t: Tensor, t: Tensor, return_hidden: bool = False):
-        """ctx = ``with_state(prefix)``; x_t (B, H, A), t (B,) -> v (B, H, A) [, hidden (B, H, W)]."""
-        h = self.chunk_size
-        pos = ctx.positions[:, None] + torch.arange(h, device=x_t.device)[None]
+        """ctx = ``with_state(prefix)``; x_t (B, H, A), t (B,) -> v (B, H, A) [, hidden (B, H, W)].
+
+        x_t may hold N candidates per context row, (B*N, H, A) candidate-major: the context is then
+        shared, not repeated (``attend_shared_prefix``)."""
+        h, n = self.chunk_size, x_t.shape[0] // ctx.batch_size  # n > 1: candidates sharing ctx
+        pos = ctx.positions.repeat_interleave(n)[:, None] + torch.arange(h, device=x_t.device)[None]
         full = torch.ones(h, h, dtype=torch.bool, device=x_t.device)
         out, _ = self.run_expert(self.embed_actions(x_t, t), pos, ctx, full)
         v = self.action_out(out)
@@ -171,14 +181,14 @@ class FlowMatchingHead(ActionHead):
         noise: Tensor | None = None,
         return_features: bool = False,
     ):
-        """(B, N, H, A) chunks by Euler integration from noise; the prefix is repeated, not recomputed.
+        """(B, N, H, A) chunks by Euler integration from noise; the N candidates share one prefix cache.
 
         With ``return_features`` also the expert's last hidden state of the final step, (B, N, H, W)
         — the chunk's internal representation that test-time selectors (CFN) score.
         """
         b, n, h, a = prefix.batch_size, num_samples, self.chunk_size, self.action_dim
-        # The state token is encoded once per observation, then the cache is repeated for N candidates.
-        ctx = self.with_state(prefix).repeat(n)
+        # The state token is encoded once per observation; the N candidates share that cache (no copies).
+        ctx = self.with_state(prefix)
         dev = prefix.hidden.device
         if noise is None:
             noise = torch.randn(b * n, h, a, generator=generator, device=dev if generator is None else "cpu").to(dev)

@@ -37,13 +37,11 @@ def vocab_bound(cfg: TokenizerConfig, max_action_dim: int) -> int:
     name = cfg.type
     if name == "uniform":
         return cfg.n_bins
-    if name == "adaptive_grid":
-        return cfg.n_bins * max_action_dim  # one token set per dimension
     if name == "fast":
         return cfg.vocab_size
     if name == "msvq":
         return cfg.codebook_size
-    bound = getattr(cfg, "vocab_bound", None)  # a plugin tokenizer declares its own bound
+    bound = getattr(cfg, "vocab_bound", None)  # adaptive_grid and plugin tokenizers declare their own bound
     if bound is None:
         raise ValueError(f"tokenizer {name!r}: token heads need its vocabulary bound; give its config a "
                          "`vocab_bound(max_action_dim) -> int` method")
@@ -130,8 +128,8 @@ class TokenHead(ActionHead):
         nll = nll * code_mask.to(nll.dtype)
         valid = (~is_pad.bool()).to(nll.dtype)
         b, h = is_pad.shape
-        if getattr(tok, "codes_per_step", None) and nll.shape[1] == h * tok.action_dim:
-            return nll.view(b, h, tok.action_dim).sum(-1) * valid  # padded steps' codes do not count
+        if getattr(tok, "codes_per_step", None) and nll.shape[1] == h * tok.tokens_per_step:
+            return nll.view(b, h, tok.tokens_per_step).sum(-1) * valid  # padded steps' codes do not count
         return nll.sum(-1, keepdim=True) * valid / valid.sum(-1, keepdim=True).clamp(min=1.0)
 
     # --- the loss: teacher forcing through the head's own ``logits`` ------------------------------

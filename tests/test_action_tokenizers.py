@@ -155,6 +155,88 @@ def test_adaptive_grid_refit_interpolates_embeddings_onto_new_centres():
         tok.refit(DATA, np.zeros((10, 2)))
 
 
+def _spherical(**kw):
+    return tokenizer_config_class("adaptive_grid")(n_bins=16, spherical_dims=[0, 1, 2], spherical_bins=[8, 12, 6],
+                                                   **kw).build()
+
+
+def test_spherical_grid_one_joint_token_per_step_and_half_bin_error():
+    """SpatialVLA's translation grid: (x, y, z) -> one (theta, phi, r) token; error <= half a bin per coordinate."""
+    from action_tokenizers.spherical import cartesian_to_spherical
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(0.1, 0.5, size=(300, H, 3)), rng.choice([-1.0, 1.0], size=(300, H, 1))], -1)
+    tok = _spherical()
+    tok.fit(x)
+    assert tok.tokens_per_step == 2 and tok.vocab_size == 8 * 12 * 6 + 16
+    codes, mask = tok.encode(x)
+    assert codes.shape == (300, H * 2)
+    assert codes[:, 0::2].max() < 8 * 12 * 6 <= codes[:, 1::2].min()  # slot 0: translation, slot 1: gripper
+    y, valid = tok.decode(codes, mask)
+    assert valid.all() and np.isfinite(y).all()
+    assert np.allclose(y[..., 3], x[..., 3], atol=0.05)  # the gripper keeps its own 1-D grid
+    sx, sy = cartesian_to_spherical(x[..., :3]), cartesian_to_spherical(y[..., :3])
+    kt, kp, kr = tok.sphere.split(codes[:, 0::2].reshape(300, H))
+    for i, k in enumerate((kt, kp, kr)):
+        e = tok.sphere.edges[i]
+        width = e[k + 1] - e[k]
+        assert (np.abs(sy[..., i] - sx[..., i]) <= width / 2 + 1e-9).all(), i
+    # Equal-probability bins along theta: every theta bin is used.
+    assert len(np.unique(kt)) == 8
+    # A gripper token in the translation slot is invalid; masks forbid it too.
+    bad = codes[:2].copy()
+    bad[0, 0] = 8 * 12 * 6 + 1
+    assert tok.decode(bad, mask[:2])[1].tolist() == [False, True]
+    allowed = tok.allowed_codes(4)
+    assert allowed[0, : 8 * 12 * 6].all() and not allowed[0, 8 * 12 * 6:].any() and allowed[1, -16:].all()
+    # Save / load reproduces the grid exactly.
+    import tempfile
+
+    from action_tokenizers.base import ActionTokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        again = ActionTokenizer.from_pretrained(d)
+        assert np.array_equal(again.encode(x)[0], codes)
+
+
+def test_spherical_grid_config_errors():
+    with pytest.raises(ValueError, match="spherical_dims: expected 3 distinct"):
+        tokenizer_config_class("adaptive_grid")(spherical_dims=[0, 1]).build()
+    with pytest.raises(ValueError, match="spherical_bins"):
+        tokenizer_config_class("adaptive_grid")(spherical_dims=[0, 1, 2], spherical_bins=[8, 1, 4]).build()
+    with pytest.raises(ValueError, match="action_dim 2"):
+        _spherical().fit(np.zeros((4, H, 2)))
+
+
+def test_spherical_refit_moves_joint_embeddings_trilinearly():
+    """An embedding linear in (theta, phi, r) of the bin centre is reproduced exactly on the new grid."""
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(0.0, 0.5, size=(300, H, 3)), rng.normal(size=(300, H, 1))], -1)
+    tok = _spherical()
+    tok.fit(x)
+
+    def linear_rows(t):
+        c = t.sphere.centres
+        kt, kp, kr = t.sphere.split(np.arange(t.sphere.vocab_size))
+        joint = np.stack([c[0][kt] + 2 * c[1][kp] - 3 * c[2][kr], np.ones_like(c[0][kt])], 1)
+        own = np.stack([t.centres[3], np.ones(16)], 1)
+        return np.concatenate([joint, own])
+
+    old = linear_rows(tok)
+    old_centres = [c.copy() for c in tok.sphere.centres]
+    new = tok.refit(x * 0.7 + 0.05, old)
+    assert new.shape == old.shape
+    # inside the old grid's range (clamping happens outside it) the linear function is reproduced
+    c = tok.sphere.centres
+    kt, kp, kr = tok.sphere.split(np.arange(tok.sphere.vocab_size))
+    inside = ((c[0][kt] >= old_centres[0][0]) & (c[0][kt] <= old_centres[0][-1]) & (c[1][kp] >= old_centres[1][0])
+              & (c[1][kp] <= old_centres[1][-1]) & (c[2][kr] >= old_centres[2][0]) & (c[2][kr] <= old_centres[2][-1]))
+    assert inside.sum() > 50
+    np.testing.assert_allclose(new[: len(kt)][inside], linear_rows(tok)[: len(kt)][inside], atol=1e-9)
+    np.testing.assert_allclose(new[:, 1], 1.0, atol=1e-12)  # weights sum to one everywhere
+
+
 def test_fast_is_exact_up_to_dct_rounding_and_compresses():
     tok = fitted("fast")
     codes, mask = tok.encode(DATA)

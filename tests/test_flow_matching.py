@@ -7,7 +7,7 @@ import torch
 from policies.flow_matching import FlowMatchingConfig
 from tests.helpers import random_observation, tiny_policy_config
 from vla.backbones.timm_lm import TimmLMConfig
-from vla.nn import attend
+from vla.nn import attend, attend_shared_prefix
 from vla.policy import VLAPolicy
 
 
@@ -112,6 +112,39 @@ def test_sampling_is_seeded_and_repeat_consistent() -> None:
     full = policy.head.sample(policy.backbone, policy.encode(obs), num_samples=4, noise=noise)
     one = policy.head.sample(policy.backbone, policy.encode(_take(obs, 1)), num_samples=4, noise=noise[4:])
     assert torch.allclose(full[1], one[0], atol=1e-5)
+
+
+def test_shared_prefix_attention_equals_repeated_prefix() -> None:
+    """Cascade attention over one un-repeated prefix == plain attention over the prefix repeated N times."""
+    torch.manual_seed(0)
+    b, n, h, kvh, t, p, d = 2, 3, 4, 2, 5, 7, 8
+    q = torch.randn(b * n, h, t, d, dtype=torch.float64)
+    pk, pv = torch.randn(2, b, kvh, p, d, dtype=torch.float64)
+    k, v = torch.randn(2, b * n, kvh, t, d, dtype=torch.float64)
+    pmask = torch.ones(b, p, dtype=torch.bool)
+    pmask[1, 4:] = False  # padded prefix tokens of the second observation
+    self_mask = torch.ones(t, t, dtype=torch.bool).tril()  # not symmetric: catches a transposed layout
+    got = attend_shared_prefix(q, pk, pv, pmask, k, v, self_mask)
+    rep = lambda x: x.repeat_interleave(n, dim=0)  # noqa: E731
+    mask = torch.cat([rep(pmask)[:, None].expand(-1, t, -1), self_mask[None].expand(b * n, t, t)], dim=2)
+    ref = attend(q, torch.cat([rep(pk), k], 2), torch.cat([rep(pv), v], 2), mask)
+    assert torch.allclose(got, ref, atol=1e-10), (got - ref).abs().max()
+
+
+def test_candidates_on_a_shared_context_equal_a_repeated_context() -> None:
+    """head.sample shares the context across N candidates; the result equals a repeated context."""
+    policy = _policy().float().eval()
+    obs = random_observation(policy, batch=2)
+    obs.image_masks["cam1"][1] = False
+    prefix = policy.encode(obs)
+    noise = torch.randn(2 * 5, policy.config.chunk_size, policy.config.max_action_dim)
+    shared = policy.head.sample(policy.backbone, prefix, num_samples=5, noise=noise)
+    ctx = policy.head.with_state(prefix).repeat(5)  # the old path: N copies of the cache, one row each
+    x = noise.clone()
+    for i in range(policy.head.cfg.num_steps):
+        t = torch.full((10,), 1.0 - i / policy.head.cfg.num_steps)
+        x = x - policy.head.velocity(ctx, x, t) / policy.head.cfg.num_steps
+    assert torch.allclose(shared, x.view(2, 5, *x.shape[1:]), atol=1e-5)
 
 
 def test_time_distribution_is_beta_1p5_1() -> None:

@@ -27,6 +27,8 @@ def _tok(name: str, **kw):
 HEADS = {
     "ar_uniform": DiscreteConfig(tokenizer=_tok("uniform")),
     "ar_adaptive": DiscreteConfig(tokenizer=_tok("adaptive_grid")),
+    # SpatialVLA's spherical translation grid: the 3 action dims are ONE joint token per step.
+    "ar_spherical": DiscreteConfig(tokenizer=_tok("adaptive_grid", spherical_dims=[0, 1, 2], spherical_bins=[4, 6, 3])),
     "ar_fast": DiscreteConfig(tokenizer=_tok("fast")),
     "parallel_uniform": DiscreteConfig(tokenizer=_tok("uniform"), decoding="parallel"),
     "coarse_to_fine": CoarseToFineConfig.tiny(),

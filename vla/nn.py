@@ -54,6 +54,44 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
 
 
+def attend_shared_prefix(
+    q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_mask: Tensor, k: Tensor, v: Tensor, self_mask: Tensor
+) -> Tensor:
+    """Attention of N candidates' tokens to ONE shared prefix and to their own tokens (cascade attention).
+
+    q: (B*N, H, T, D) candidate queries (candidate-major within an observation) ; prefix_k, prefix_v:
+    (B, KV, P, D) ; prefix_mask: (B, P) bool ; k, v: (B*N, KV, T, D) the candidates' own keys/values ;
+    self_mask: (T, T) bool among a candidate's tokens -> (B*N, H, T, D).
+
+    Equal to ``attend`` over the prefix repeated N times, but the prefix's keys/values are neither
+    copied nor concatenated: the N*T queries of an observation meet its P prefix keys in one matmul,
+    and one softmax runs over [prefix scores, own scores]. Test-time selection samples N=16 chunks on
+    one prefix, so this keeps the per-step cost growing with N*T, not with N*(P+T) memory traffic.
+    """
+    bn, h, t, d = q.shape
+    b, kvh, p, _ = prefix_k.shape
+    n, g = bn // b, h // kvh
+    if bn != b * n or h != g * kvh:
+        raise ValueError(f"attend_shared_prefix: {bn} query rows are not a multiple of {b} prefixes, or {h} heads "
+                         f"not a multiple of {kvh} kv heads")
+    scale = d ** -0.5
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (or fp64) even under bf16 autocast
+    # Query head i uses kv head i // g (as repeat_interleave in `attend`): group the g query heads, the
+    # N candidates and the T tokens of an observation into the rows of one matrix per kv head.
+    rows = q.view(b, n, kvh, g, t, d).permute(0, 2, 3, 1, 4, 5).reshape(b, kvh, g * n * t, d)
+    s_prefix = (rows @ prefix_k.transpose(-1, -2)) * scale  # (B, KV, G*N*T, P)
+    s_prefix = s_prefix.to(acc).masked_fill(~prefix_mask[:, None, None, :], float("-inf"))
+    s_self = (q.reshape(bn, kvh, g * t, d) @ k.transpose(-1, -2)) * scale  # (B*N, KV, G*T, T)
+    s_self = s_self.to(acc).masked_fill(~self_mask.repeat(g, 1)[None, None], float("-inf"))
+    s_self = s_self.view(b, n, kvh, g, t, t).permute(0, 2, 3, 1, 4, 5).reshape(b, kvh, g * n * t, t)
+    probs = torch.cat([s_prefix, s_self], dim=-1).softmax(-1).to(v.dtype)
+    p_prefix, p_self = probs.split([p, t], dim=-1)
+    out_prefix = p_prefix @ prefix_v  # (B, KV, G*N*T, D)
+    p_self = p_self.view(b, kvh, g, n, t, t).permute(0, 3, 1, 2, 4, 5).reshape(bn, kvh, g * t, t)
+    out = out_prefix.view(b, kvh, g, n, t, d).permute(0, 3, 1, 2, 4, 5).reshape(bn, kvh, g * t, d) + p_self @ v
+    return out.view(bn, h, t, d)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
