@@ -18,6 +18,10 @@ import numpy as np
 from benchmarks.common import print_table, provenance, write_json
 
 
+# Named variants beside the registered defaults: name -> (registered tokenizer, config fields).
+VARIANTS = {"adaptive_grid_spherical": ("adaptive_grid", {"spherical_dims": [0, 1, 2]})}  # MetaWorld: xyz + grip
+
+
 def _best_time(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -33,7 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--horizon", type=int, default=8)
     p.add_argument("--fit-chunks", type=int, default=3000)
     p.add_argument("--eval-chunks", type=int, default=1000)
-    p.add_argument("--tokenizers", default="uniform,adaptive_grid,fast,msvq")
+    p.add_argument("--tokenizers", default="uniform,adaptive_grid,adaptive_grid_spherical,fast,msvq")
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (the best is reported)")
     p.add_argument("--out", default="benchmarks/results/tokenizers.json")
     args = p.parse_args(argv)
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows = []
     for name in args.tokenizers.split(","):
-        tok = make_tokenizer(name)
+        base, fields = VARIANTS.get(name, (name, {}))
+        tok = make_tokenizer(base, **fields)
         t0 = time.perf_counter()
         tok.fit(fit_x)
         fit_s = time.perf_counter() - t0
