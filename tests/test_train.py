@@ -102,6 +102,7 @@ def test_lora_saves_only_the_adapter(tmp_path: Path, synthetic: Path) -> None:
     moved = tmp_path / "moved"
     shutil.move(str(out), moved)
     again = VLAPolicy.from_pretrained(moved / ckpt.relative_to(out))
+    assert again.selector_dir == moved / ckpt.relative_to(out) / "selector"  # the adapter's CFN, not the base's
     assert torch.equal(again.state_dict()["head.action_out.weight"], tuned.state_dict()["head.action_out.weight"])
     raw = _raw_obs(tuned, ["observation.images.cam0"])
     assert np.isfinite(tuned.predict_action_chunk(raw)).all()

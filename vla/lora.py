@@ -85,20 +85,23 @@ def read_adapter_config(path: str | Path) -> tuple[dict, Path, LoraConfig]:
     return meta, base, cfg
 
 
-def load_adapter_checkpoint(path: Path, device: str | torch.device = "cpu"):
+def load_adapter_checkpoint(path: Path, device: str | torch.device = "cpu", embodiment: str | None = None):
     """Base policy checkpoint + this adapter -> a ready policy."""
-    from vla.policy import PREPROCESSOR_NAME, VLAPolicy
+    from vla.policy import PREPROCESSOR_NAME, SELECTOR_DIR, VLAPolicy
 
     _, base, lora_cfg = read_adapter_config(path)
-    policy = VLAPolicy.from_pretrained(base, device="cpu")
+    policy = VLAPolicy.from_pretrained(base, device="cpu", embodiment=embodiment)
     apply_lora(policy, lora_cfg)
     load_adapter_weights(policy, path / ADAPTER_WEIGHTS_NAME)
+    # Selectors fitted for the adapted policy (`vla post-train cfn --policy ADAPTER`) live next to the
+    # adapter, not in the base checkpoint: the base's CFN scores the base policy's features.
+    policy.selector_dir = path / SELECTOR_DIR
     if (path / PREPROCESSOR_NAME).exists():
         from vla.data.processor import Preprocessor
 
         policy.preprocessor = Preprocessor.from_state_dict(
-            json.loads((path / PREPROCESSOR_NAME).read_text()), policy.config, policy.backbone.tokenize
-        )
+            json.loads((path / PREPROCESSOR_NAME).read_text()), policy.config, policy.backbone.tokenize,
+            embodiment=embodiment)
     return policy.to(device).eval()
 
 

@@ -23,6 +23,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 PREPROCESSOR_NAME = "preprocessor.json"
 ASSETS_DIR = "backbone"
+SELECTOR_DIR = "selector"  # fitted test-time selectors of this checkpoint (the CFN), read on demand
 HEAD_ASSETS_DIR = "head"  # head-owned files that are not tensors (e.g. a fitted FAST tokenizer's BPE)
 
 
@@ -149,14 +150,14 @@ class VLAPolicy(nn.Module):
         from vla.lora import ADAPTER_CONFIG_NAME, load_adapter_checkpoint
 
         if (path / ADAPTER_CONFIG_NAME).exists():
-            return load_adapter_checkpoint(path, device)
+            return load_adapter_checkpoint(path, device, embodiment)
         if not (path / CONFIG_NAME).exists():
             raise FileNotFoundError(f"{path} is not a policy checkpoint: no {CONFIG_NAME} in it")
         load_plugins()
         config = from_dict(PolicyConfig, json.loads((path / CONFIG_NAME).read_text()))
         policy = cls(config, assets_dir=path / ASSETS_DIR)
         load_weights(policy, path / WEIGHTS_NAME)
-        policy.selector_dir = path / "selector"  # fitted test-time selectors (e.g. the CFN), read on demand
+        policy.selector_dir = path / SELECTOR_DIR  # fitted test-time selectors (e.g. the CFN), read on demand
         if hasattr(policy.head, "load_assets"):
             policy.head.load_assets(path / HEAD_ASSETS_DIR)
         if (path / PREPROCESSOR_NAME).exists():

@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 
 from vla.config import from_dict, register_choice_field, to_dict
+from vla.policy import SELECTOR_DIR  # noqa: F401  (re-exported: policies.selectors.SELECTOR_DIR)
 from vla.registry import choice_class, choice_names
 from vla.types import Observation, Prefix
 
-SELECTOR_DIR = "selector"  # inside a checkpoint's pretrained_model/ (vla.policy sets policy.selector_dir)
+# SELECTOR_DIR: inside a checkpoint's pretrained_model/ (vla.policy sets policy.selector_dir).
 SELECTOR_CONFIG = "selector_config.json"
 
 
