@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from policies.base import ActionHead, masked_step_mean
+from policies.rtc import InpaintGuide, guided_velocity
 from vla.backbones.base import Backbone
 from vla.config import HeadConfig, PolicyConfig
 from vla.nn import Block, RMSNorm, attend, attend_shared_prefix, sincos_embedding
@@ -180,13 +181,19 @@ class FlowMatchingHead(ActionHead):
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
         return_features: bool = False,
+        guide: InpaintGuide | None = None,
     ):
         """(B, N, H, A) chunks by Euler integration from noise; the N candidates share one prefix cache.
 
         With ``return_features`` also the expert's last hidden state of the final step, (B, N, H, W)
         — the chunk's internal representation that test-time selectors (CFN) score.
+        ``guide``: real-time chunking (``policies/rtc.py``) — every candidate is inpainted toward the
+        committed actions ``guide.target`` (B, H, A) where ``guide.weights`` > 0.
         """
         b, n, h, a = prefix.batch_size, num_samples, self.chunk_size, self.action_dim
+        if guide is not None:
+            guide.check(b, h, a)
+            guide = guide.repeat(n)
         # The state token is encoded once per observation; the N candidates share that cache (no copies).
         ctx = self.with_state(prefix)
         dev = prefix.hidden.device
@@ -200,7 +207,11 @@ class FlowMatchingHead(ActionHead):
         hidden = None
         for i in range(steps):
             t = torch.full((b * n,), 1.0 + i * dt, device=dev)
-            v, hidden = self.velocity(ctx, x, t, return_hidden=True)
+            if guide is None:
+                v, hidden = self.velocity(ctx, x, t, return_hidden=True)
+            else:
+                v, hidden = guided_velocity(lambda xg: self.velocity(ctx, xg, t, return_hidden=True), x,
+                                            1.0 + i * dt, guide)
             x = x + dt * v.float()
         x = x.view(b, n, h, a)
         if return_features:

@@ -13,9 +13,10 @@ previous chunk is still executing, so:
 
 This is the "blending over the overlap" way of joining chunks (as in ACT's temporal ensembling, but
 with one switch per chunk and a bounded crossfade). Real-time chunking proper (Black et al., 2025)
-would also make the new chunk *agree* with the actions being executed while it is computed, by
-guiding the flow-matching sampler with them as an inpainting constraint; that needs a hook in the
-action head and is not done here (docs/serving.md).
+also makes the new chunk *agree* with the actions executed while it is computed, by guiding the
+flow-matching sampler with them as an inpainting constraint: ``vla deploy --rtc=true`` sends
+``planned(tick, H)`` with each request (``policies/rtc.py``), and the crossfade then joins two chunks
+that already agree.
 """
 from __future__ import annotations
 
@@ -67,6 +68,13 @@ class ActionSchedule:
             new = old
         self._start, self._plan = now_tick, new
         return late
+
+    def planned(self, tick: int, horizon: int) -> np.ndarray:
+        """(h, A) the actions planned for ticks ``tick .. tick + horizon - 1`` (h <= horizon; may be 0)."""
+        i = max(0, tick - self._start)
+        if tick < self._start:  # nothing is planned before the plan starts: RTC needs a contiguous run
+            return self._plan[:0].copy()
+        return self._plan[i: i + horizon].copy()
 
     def action_at(self, tick: int) -> np.ndarray | None:
         """The action planned for ``tick`` (A,), or None when nothing is planned for it."""

@@ -102,16 +102,20 @@ class PolicyClient:
         return reply, latency
 
     def infer(self, obs: Mapping[str, Any], *, adapter: str | None = None, num_samples: int | None = None,
-              selector: str | None = None, seed: int | None = None,
-              timeout: float | None = None) -> InferReply:
+              selector: str | None = None, seed: int | None = None, inpaint: Any = None,
+              inpaint_weights: Any = None, timeout: float | None = None) -> InferReply:
         """Send one observation (LeRobot keys: ``observation.state`` (S,), ``observation.images.<cam>``
-        (H, W, 3) uint8, ``task`` str) and return the action chunk."""
+        (H, W, 3) uint8, ``task`` str) and return the action chunk. ``inpaint`` (H', A) committed
+        actions (+ ``inpaint_weights`` (H',)): real-time chunking (flow heads, docs/serving.md)."""
         msg: dict[str, Any] = {"type": P.INFER, "obs": {k: _plain(v) for k, v in obs.items()}}
         if adapter or self.adapter:
             msg["adapter"] = adapter or self.adapter
         for key, value in (("num_samples", num_samples), ("selector", selector), ("seed", seed)):
             if value is not None:
                 msg[key] = value
+        for key, value in (("inpaint", inpaint), ("inpaint_weights", inpaint_weights)):
+            if value is not None:
+                msg[key] = np.asarray(value, dtype=np.float32)
         reply, latency = self._request(msg, timeout)
         actions = reply.get("actions")
         if not isinstance(actions, np.ndarray) or actions.ndim < 2 or not np.isfinite(actions).all():

@@ -54,6 +54,9 @@ class DeployConfig:
     max_steps: int = 300  # ticks per episode (an episode also ends when the robot says `done`)
     n_action_steps: int | None = None  # ticks between observations sent; None = the policy's own
     blend_steps: int = 2  # ticks of crossfade from the old chunk to the new one
+    # Real-time chunking (flow heads): each request carries the actions still planned, and the new chunk
+    # is inpainted to agree with them (frozen over the expected delay, then RTC's decaying weights).
+    rtc: bool = False
     asynchronous: bool = True
     hold: str = "auto"  # the hold command: auto (the robot's hold_action, else state) | state | zero
     device: str = "cpu"  # for --policy
@@ -127,7 +130,7 @@ class LocalPolicy:
 class InferenceThread:
     """Runs one request at a time off the control loop's thread; results are picked up by `poll`."""
 
-    def __init__(self, fn: Callable[[dict[str, Any]], np.ndarray]) -> None:
+    def __init__(self, fn: Callable[..., np.ndarray]) -> None:
         self._fn = fn
         self._jobs: queue.Queue = queue.Queue(maxsize=1)
         self._results: queue.Queue = queue.Queue()
@@ -135,11 +138,12 @@ class InferenceThread:
         self._thread = threading.Thread(target=self._run, name="vla-deploy-infer", daemon=True)
         self._thread.start()
 
-    def submit(self, obs: dict[str, Any], tick: int) -> None:
+    def submit(self, obs: dict[str, Any], tick: int, **extra: Any) -> None:
+        """Run ``fn(obs, **extra)``; ``extra`` = per-request arguments (e.g. RTC's inpaint)."""
         if self.busy:
             raise RuntimeError("InferenceThread.submit: a request is already in flight")
         self.busy = True
-        self._jobs.put((obs, tick, time.perf_counter()))
+        self._jobs.put((obs, tick, time.perf_counter(), extra))
 
     def poll(self, wait: float | None = None) -> tuple | None:
         """(chunk or exception, obs tick, latency s) of a finished request, or None."""
@@ -155,9 +159,9 @@ class InferenceThread:
             job = self._jobs.get()
             if job is None:
                 return
-            obs, tick, t0 = job
+            obs, tick, t0, extra = job
             try:
-                out: Any = self._fn(obs)
+                out: Any = self._fn(obs, **extra)
             except Exception as e:  # handed to the loop, which decides (count, hold, give up)
                 out = e
             self._results.put((out, tick, time.perf_counter() - t0))
@@ -184,6 +188,17 @@ def hold_reference(robot: Robot, mode: str) -> Callable[[dict[str, np.ndarray]],
     return lambda obs: np.asarray(obs[STATE_KEY], dtype=np.float64)
 
 
+def rtc_request(schedule: ActionSchedule, tick: int, delay: int, horizon: int) -> dict[str, Any]:
+    """Real-time chunking arguments for a chunk requested at ``tick``: the actions still planned from
+    ``tick`` on (at most ``horizon``), frozen for the expected ``delay`` ticks, then decaying weights."""
+    from policies.rtc import rtc_weights
+
+    planned = schedule.planned(tick, horizon)
+    if len(planned) == 0:
+        return {}
+    return {"inpaint": planned, "inpaint_weights": rtc_weights(len(planned), min(delay, len(planned)), 0)}
+
+
 def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if values else None
 
@@ -204,7 +219,7 @@ def run_deploy(robot: Robot, policy: Any, cfg: DeployConfig, stop: threading.Eve
     task = cfg.task if cfg.task is not None else getattr(getattr(robot, "robot", robot), "instruction", "")
     kw = dict(num_samples=cfg.num_samples, selector=cfg.selector, seed=cfg.seed)
     stop = stop or threading.Event()
-    worker = InferenceThread(lambda obs: policy(obs, **kw))
+    worker = InferenceThread(lambda obs, **extra: policy(obs, **kw, **extra))
     lateness, periods, work, latency, delays = [], [], [], [], []
     n = dict(ticks=0, starved=0, overruns=0, errors=0, episodes=0, successes=0)
     schedule = ActionSchedule(cfg.blend_steps)
@@ -279,7 +294,8 @@ def run_deploy(robot: Robot, policy: Any, cfg: DeployConfig, stop: threading.Eve
                     expected = math.ceil(float(np.median(delays[-5:]))) if delays else 1
                     due = k - last_obs_tick >= max(1, n_exec - expected) or schedule.remaining(k) <= expected
                     if due and not worker.busy:
-                        worker.submit(obs, k)
+                        worker.submit(obs, k, **(rtc_request(schedule, k, expected, policy.chunk_size)
+                                                 if cfg.rtc else {}))
                         last_obs_tick = k
                 elif due or schedule.remaining(k) == 0:
                     worker.submit(obs, k)

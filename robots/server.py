@@ -72,7 +72,7 @@ class PolicyServer:
         self.abandoned = 0  # replies that could not be delivered: the client had disconnected
         self._infer_ms: deque[float] = deque(maxlen=1000)
         params = inspect.signature(registry.policy.predict_action_chunk).parameters
-        self._supports = {k: k in params for k in ("num_samples", "selector", "generator")}
+        self._supports = {k: k in params for k in ("num_samples", "selector", "generator", "inpaint")}
         self._server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -83,7 +83,7 @@ class PolicyServer:
                 "default_adapter": self.registry.default,
                 "adapters": {n: self.registry.metadata(n) for n in self.registry.names},
                 "supports": {"num_samples": self._supports["num_samples"], "selector": self._supports["selector"],
-                             "seed": self._supports["generator"]}}
+                             "seed": self._supports["generator"], "inpaint": self._supports["inpaint"]}}
 
     def health(self) -> dict[str, Any]:
         ms = sorted(self._infer_ms)
@@ -175,6 +175,21 @@ class PolicyServer:
                 raise RequestError(P.ERR_BAD_REQUEST, f"selector: expected a selector name (str), "
                                                       f"received {type(sel).__name__}")
             kwargs["selector"] = sel
+        inpaint = msg.get("inpaint")
+        if inpaint is not None:
+            if not self._supports["inpaint"]:
+                raise RequestError(P.ERR_UNSUPPORTED, "inpaint: this server's policy takes no inpaint "
+                                                      "(real-time chunking needs predict_action_chunk(inpaint=...))")
+            if not isinstance(inpaint, np.ndarray) or inpaint.ndim != 2 or not np.isfinite(inpaint).all():
+                raise RequestError(P.ERR_BAD_REQUEST, "inpaint: expected a finite (H', A) array of committed actions, "
+                                                      f"received {type(inpaint).__name__} {getattr(inpaint, 'shape', '')}")
+            kwargs["inpaint"] = inpaint
+            w = msg.get("inpaint_weights")
+            if w is not None:
+                if not isinstance(w, np.ndarray) or w.shape != inpaint.shape[:1] or not np.isfinite(w).all():
+                    raise RequestError(P.ERR_BAD_REQUEST, f"inpaint_weights: expected a finite ({inpaint.shape[0]},) "
+                                                          f"array, received {type(w).__name__} {getattr(w, 'shape', '')}")
+                kwargs["inpaint_weights"] = w
         seed = msg.get("seed")
         if seed is not None:
             if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:

@@ -123,6 +123,50 @@ def test_deploy_through_the_server_asynchronously(ckpt: Path) -> None:
     assert "control loop: 40 ticks in 2 episode(s)" in format_stats(stats)
 
 
+def test_rtc_requests_carry_the_planned_actions(ckpt: Path) -> None:
+    """`--rtc=true`: each asynchronous request carries the actions still planned and RTC weights that are
+    1 over the expected delay; a flow-matching checkpoint served remotely accepts them."""
+    from policies.rtc import rtc_weights
+    from robots.chunking import ActionSchedule
+    from robots.deploy import rtc_request
+
+    sched = ActionSchedule(blend_steps=0)
+    sched.add(np.arange(12.0).reshape(6, 2), obs_tick=0, now_tick=0)
+    req = rtc_request(sched, tick=2, delay=1, horizon=8)
+    assert req["inpaint"].tolist() == np.arange(4.0, 12.0).reshape(4, 2).tolist()  # ticks 2..5
+    assert np.allclose(req["inpaint_weights"], rtc_weights(4, 1, 0)) and req["inpaint_weights"][0] == 1.0
+    assert rtc_request(sched, tick=9, delay=1, horizon=8) == {}  # nothing planned: a plain request
+
+    seen: list[dict] = []
+
+    class Recording:
+        config = type("C", (), {"chunk_size": 4, "n_action_steps": 2})()
+
+        def predict_action_chunk(self, raw, **kw):
+            seen.append(kw)
+            return np.full((4, 3), 0.1)
+
+    robot = _mock()
+    with robot:
+        stats = run_deploy(robot, LocalPolicy(Recording()), DeployConfig(fps=40, max_steps=12, rtc=True))
+    assert stats["errors"] == 0 and len(seen) >= 3
+    assert "inpaint" not in seen[0]  # the first chunk has nothing to agree with
+    later = [kw for kw in seen[1:] if "inpaint" in kw]
+    assert later and all(kw["inpaint"].shape[1] == 3 and np.allclose(kw["inpaint"], 0.1) for kw in later)
+
+    from robots.adapters import AdapterRegistry
+    from robots.server import PolicyServer
+
+    robot = _mock()
+    with PolicyServer(AdapterRegistry.load(ckpt), port=0).running() as url, robot:
+        policy = RemotePolicy(url)
+        try:
+            stats = run_deploy(robot, policy, DeployConfig(fps=40, max_steps=16, rtc=True, task="push the red block"))
+        finally:
+            policy.close()
+    assert stats["errors"] == 0 and stats["ticks"] == 16 and np.isfinite(robot.actions).all()
+
+
 def test_synchronous_loop_with_safety_limits(ckpt: Path) -> None:
     robot = _mock()
     cfg = DeployConfig(fps=50, max_steps=12, asynchronous=False, task="push the red block",

@@ -137,6 +137,14 @@ def test_samples_and_selector_pass_through(url: str) -> None:
         assert reply.actions.shape == (4, 3) and reply.scores is not None and reply.scores.shape[-1] == 3
         with pytest.raises(ServerError, match="selector"):
             client.infer(_obs(), num_samples=3, selector="no-such-selector")
+        # Real-time chunking: committed actions (+ weights) travel with the request.
+        assert client.metadata["supports"]["inpaint"]
+        committed = client.infer(_obs(), seed=1).actions[:2]
+        assert client.infer(_obs(), inpaint=committed, inpaint_weights=[1.0, 0.5]).actions.shape == (4, 3)
+        with pytest.raises(ServerError, match="inpaint_weights"):
+            client.infer(_obs(), inpaint=committed, inpaint_weights=[1.0])
+        with pytest.raises(ServerError, match="inpaint"):
+            client.infer(_obs(), inpaint=np.zeros(3))
 
 
 def _raw(client: PolicyClient, frame) -> dict:

@@ -67,7 +67,9 @@ class VLAPolicy(nn.Module):
     # --- robot-level API (raw numpy in, unnormalized numpy out) ------------------------------
     @torch.no_grad()
     def predict_action_chunk(self, raw_obs: Mapping[str, Any], num_samples: int = 1,
-                             generator: torch.Generator | None = None, selector: Any = None) -> np.ndarray:
+                             generator: torch.Generator | None = None, selector: Any = None,
+                             inpaint: Any = None, inpaint_weights: Any = None,
+                             max_guidance: float = 5.0) -> np.ndarray:
         """LeRobot-keyed observation -> unnormalized chunk.
 
         Unbatched input (state of shape (S,)) gives (H, A); batched input (B, S) gives (B, H, A);
@@ -77,18 +79,25 @@ class VLAPolicy(nn.Module):
         ``selector`` (a name — "first", "consistency", "cfn", "world_model" —, a ``SelectorConfig`` or a
         ``ChunkSelector``, docs/selectors.md): the N candidates from one backbone pass are scored and only
         the chosen chunk is returned ((H, A) or (B, H, A)); its scores (B, N) are in ``self.last_scores``.
+
+        ``inpaint`` (H', A) or (B, H', A) raw actions, H' <= chunk_size: real-time chunking — the chunk is
+        guided to agree with these committed actions on its first H' steps, weighted by
+        ``inpaint_weights`` ((H',) or (B, H') in [0, 1], default 1; ``policies.rtc.rtc_weights`` gives
+        RTC's soft mask). Flow-matching heads only.
         """
         pre = self._pre()
         was_training = self.training
         self.eval()
         try:
             obs = pre.observation(raw_obs, train=False).to(self.device)
+            kw = {} if inpaint is None else {
+                "guide": self._inpaint_guide(inpaint, inpaint_weights, obs.batch_size, max_guidance)}
             if selector is None:
-                chunks = self.sample_actions(obs, num_samples=num_samples, generator=generator)  # (B, N, H, A)
+                chunks = self.sample_actions(obs, num_samples=num_samples, generator=generator, **kw)  # (B, N, H, A)
             else:  # lazy: vla core reaches policies only by name
                 from policies.selectors import sample_and_select
 
-                chunk, scores = sample_and_select(self, obs, num_samples, selector, generator)
+                chunk, scores = sample_and_select(self, obs, num_samples, selector, generator, **kw)
                 self.last_scores = scores.cpu().numpy()
                 chunks = chunk[:, None]
             out = pre.unnormalize_actions(chunks.float()).cpu().numpy()
@@ -103,6 +112,33 @@ class VLAPolicy(nn.Module):
         """Called at episode start (stateless policy: nothing to clear; brokers keep the queues)."""
 
     # --- helpers -------------------------------------------------------------------------------
+    def _inpaint_guide(self, actions: Any, weights: Any, batch: int, max_guidance: float):
+        """Raw committed actions (+ weights) -> the head's ``InpaintGuide`` in normalized, padded units."""
+        import inspect
+
+        from policies.rtc import InpaintGuide
+
+        if "guide" not in inspect.signature(self.head.sample).parameters:
+            raise ValueError(f"inpaint: real-time chunking needs a flow-matching head; this policy's head is "
+                             f"{type(self.head).__name__}")
+        pre, h, a_max = self._pre(), self.config.chunk_size, self.config.max_action_dim
+        a = np.asarray(actions, dtype=np.float32)
+        a = a[None] if a.ndim == 2 else a
+        if a.ndim != 3 or a.shape[0] != batch or not 1 <= a.shape[1] <= h or a.shape[2] != pre.action_dim:
+            raise ValueError(f"inpaint: expected (H', {pre.action_dim}) or ({batch}, H', {pre.action_dim}) actions with "
+                             f"1 <= H' <= chunk_size={h}, received shape {np.shape(actions)}")
+        if not np.isfinite(a).all():
+            raise ValueError("inpaint: the committed actions have NaN/inf values")
+        w = np.ones(a.shape[:2], np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
+        w = np.broadcast_to(w, a.shape[:2]) if w.ndim == 1 and w.shape[0] == a.shape[1] else w
+        if w.shape != a.shape[:2]:
+            raise ValueError(f"inpaint_weights: expected shape ({a.shape[1]},) or {a.shape[:2]}, received {w.shape}")
+        target = torch.zeros(batch, h, a_max)
+        target[:, : a.shape[1], : a.shape[2]] = pre.normalizer.normalize(pre.action_key, torch.from_numpy(a)).float()
+        wt = torch.zeros(batch, h, a_max)
+        wt[:, : a.shape[1], : a.shape[2]] = torch.tensor(w)[..., None]
+        return InpaintGuide(target.to(self.device), wt.to(self.device), max_guidance)
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

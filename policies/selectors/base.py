@@ -194,7 +194,7 @@ def resolve_selector(spec: Any, policy: Any = None) -> ChunkSelector:
 
 @torch.no_grad()
 def sample_and_select(policy: Any, obs: Observation, num_samples: int, selector: Any,
-                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                      generator: torch.Generator | None = None, **head_kw: Any) -> tuple[Tensor, Tensor]:
     """ONE backbone pass, ``num_samples`` candidates from the head, the selector's choice.
 
     -> chunk (B, H, A) normalized, scores (B, N). This is what ``VLAPolicy.predict_action_chunk(raw,
@@ -204,7 +204,7 @@ def sample_and_select(policy: Any, obs: Observation, num_samples: int, selector:
         raise ValueError(f"num_samples: expected an int >= 1, received {num_samples!r}")
     sel = resolve_selector(selector, policy)
     prefix = policy.encode(obs, policy._dim_mask(obs.batch_size, obs.device))
-    kw: dict[str, Any] = {"num_samples": num_samples, "generator": generator}
+    kw: dict[str, Any] = {"num_samples": num_samples, "generator": generator, **head_kw}  # e.g. guide= (RTC)
     if sel.needs_features:
         candidates, features = policy.head.sample(policy.backbone, prefix, return_features=True, **kw)
     else:
