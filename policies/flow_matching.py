@@ -86,6 +86,10 @@ class FlowMatchingHead(ActionHead):
         shared = b != ctx.batch_size  # N candidates per observation on one (un-repeated) context
         if shared and b % ctx.batch_size:
             raise ValueError(f"flow_matching: {b} suffix rows do not split into the context's {ctx.batch_size} rows")
+        if shared and torch.is_autocast_enabled(x.device.type):
+            # Under bf16 autocast SDPA over N copies of the context is faster on CPU than the fp32 cascade
+            # (measured side by side: python -m benchmarks.latency --bf16 --compare-repeated).
+            ctx, shared = ctx.repeat(b // ctx.batch_size), False
         if not shared:
             mask = torch.cat([ctx.mask[:, None, :].expand(b, t, -1), self_mask[None].expand(b, t, t)], dim=2)
         new_kv = []
