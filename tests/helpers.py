@@ -37,3 +37,21 @@ def fit_head(policy, num: int = 64, seed: int = 0) -> None:
         cfg = policy.config
         rng = np.random.default_rng(seed)
         policy.head.fit_tokenizer(rng.standard_normal((num, cfg.chunk_size, cfg.max_action_dim)))
+
+
+def tiny_checkpoint(root, num_episodes: int = 2, episode_len: int = 10, *args: str):
+    """Synthetic LeRobot dataset under ``root`` -> a 2-step ``debug`` policy checkpoint (with normalization
+    stats). Returns ``(checkpoint pretrained_model path, dataset root)``. Extra CLI ``args`` override."""
+    from pathlib import Path
+
+    from vla.config import TrainConfig, parse_config
+    from vla.data.synthetic import make_synthetic_dataset
+    from vla.presets import get_preset
+    from vla.train import train
+
+    root = Path(root)
+    data = make_synthetic_dataset(root / "data", num_episodes=num_episodes, episode_len=episode_len)
+    cfg = parse_config(TrainConfig, get_preset("debug"), [
+        f"--output_dir={root / 'run'}", f"--dataset.root={data}", "--dataset.synthetic=false", "--batch_size=4",
+        "--steps=2", "--save_every=0", "--warmup_steps=1", *args])
+    return train(cfg), data

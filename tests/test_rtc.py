@@ -9,7 +9,7 @@ import torch
 
 from policies.flow_matching import FlowMatchingConfig
 from policies.rtc import InpaintGuide, guidance_scale, rtc_weights
-from tests.helpers import random_observation, tiny_policy_config
+from tests.helpers import random_observation, tiny_checkpoint, tiny_policy_config
 from vla.backbones.timm_lm import TimmLMConfig
 from vla.policy import VLAPolicy
 
@@ -52,17 +52,7 @@ def test_guidance_pulls_the_weighted_steps_to_the_committed_actions() -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from vla.config import TrainConfig, parse_config
-    from vla.data.synthetic import make_synthetic_dataset
-    from vla.presets import get_preset
-    from vla.train import train
-
-    tmp = tmp_path_factory.mktemp("rtc")
-    data = make_synthetic_dataset(tmp / "syn", num_episodes=2, episode_len=10)
-    cfg = parse_config(TrainConfig, get_preset("debug"), [
-        f"--output_dir={tmp / 'run'}", f"--dataset.root={data}", "--dataset.synthetic=false", "--batch_size=4",
-        "--steps=2", "--save_every=0", "--warmup_steps=1"])
-    return train(cfg)
+    return tiny_checkpoint(tmp_path_factory.mktemp("rtc"))[0]
 
 
 def test_predict_action_chunk_inpaints_in_raw_units(checkpoint: Path) -> None:

@@ -165,17 +165,9 @@ def test_cfn_save_load_roundtrip(tmp_path: Path, center: bool) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> tuple[Path, Path]:
-    from vla.config import TrainConfig, parse_config
-    from vla.data.synthetic import make_synthetic_dataset
-    from vla.presets import get_preset
-    from vla.train import train
+    from tests.helpers import tiny_checkpoint
 
-    tmp = tmp_path_factory.mktemp("sel")
-    data = make_synthetic_dataset(tmp / "syn", num_episodes=2, episode_len=10)
-    cfg = parse_config(TrainConfig, get_preset("debug"), [
-        f"--output_dir={tmp / 'run'}", f"--dataset.root={data}", "--dataset.synthetic=false", "--batch_size=4",
-        "--steps=2", "--save_every=0", "--warmup_steps=1", "--log_every=1"])
-    return train(cfg), data
+    return tiny_checkpoint(tmp_path_factory.mktemp("sel"), 2, 10, "--log_every=1")
 
 
 def _raw(policy) -> dict:

@@ -8,24 +8,14 @@ import pytest
 import torch
 
 from post_training.world_model import WorldModel, world_model_for
-from tests.helpers import backbone_variants, head_variants, random_observation, tiny_policy_config
+from tests.helpers import backbone_variants, head_variants, random_observation, tiny_checkpoint, tiny_policy_config
 from vla.policy import VLAPolicy
 
 
 @pytest.fixture(scope="module")
 def trained_policy(tmp_path_factory) -> Path:
     """A tiny policy checkpoint (with normalization stats) on a synthetic LeRobot dataset."""
-    from vla.config import TrainConfig, parse_config
-    from vla.data.synthetic import make_synthetic_dataset
-    from vla.presets import get_preset
-    from vla.train import train
-
-    tmp = tmp_path_factory.mktemp("wm")
-    data = make_synthetic_dataset(tmp / "data", num_episodes=20, episode_len=16)
-    cfg = parse_config(TrainConfig, get_preset("debug"), [
-        f"--output_dir={tmp / 'run'}", f"--dataset.root={data}", "--dataset.synthetic=false", "--batch_size=4",
-        "--steps=2", "--save_every=0", "--warmup_steps=1"])
-    return train(cfg)
+    return tiny_checkpoint(tmp_path_factory.mktemp("wm"), 20, 16)[0]
 
 
 def test_api_shapes_and_copy_last_at_init() -> None:
