@@ -142,8 +142,9 @@ class AdaptiveGridTokenizer(ActionTokenizer):
     def _encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         n, free = self.config.n_bins, self.free_dims
         inner = self.edges[:, 1:-1]  # (A, n-1): values below inner[a, 0] -> bin 0, above the last -> n-1
-        k = np.stack([np.searchsorted(inner[a], x[..., a], side="right") for a in free]
-                     or [np.zeros(x.shape[:2], dtype=np.int64)], axis=-1)[..., : len(free)]  # (N, H, F)
+        k = np.zeros((*x.shape[:2], len(free)), dtype=np.int64)  # (N, H, F); F = 0 when xyz is all there is
+        for j, a in enumerate(free):
+            k[..., j] = np.searchsorted(inner[a], x[..., a], side="right")
         per_step = self.joint_vocab + k + np.arange(len(free)) * n  # (N, H, F), code = T + j * n + k
         if self.config.spherical_dims:
             joint = self.sphere.encode(x[..., list(self.config.spherical_dims)])  # (N, H)

@@ -55,3 +55,15 @@ def tiny_checkpoint(root, num_episodes: int = 2, episode_len: int = 10, *args: s
         f"--output_dir={root / 'run'}", f"--dataset.root={data}", "--dataset.synthetic=false", "--batch_size=4",
         "--steps=2", "--save_every=0", "--warmup_steps=1", *args])
     return train(cfg), data
+
+
+def two_robot_datasets(base, b_episodes: int = 3):
+    """Robot A: one 32 px camera, state 4, action 3. Robot B: two 24 px cameras (top, wrist), state 6,
+    action 4, another task. Returns the two dataset roots under ``base``."""
+    from vla.data.synthetic import make_synthetic_dataset
+
+    a = make_synthetic_dataset(base / "robot_a", num_episodes=3, episode_len=12, image_size=32)
+    b = make_synthetic_dataset(base / "robot_b", num_episodes=b_episodes, episode_len=10, image_size=24, state_dim=6,
+                               action_dim=4, cameras=("observation.images.top", "observation.images.wrist"),
+                               tasks=("lift the green block",), seed=1)
+    return a, b

@@ -20,14 +20,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def robots(tmp_path_factory) -> tuple[Path, Path]:
     """Robot A: one 32 px camera, state 4, action 3. Robot B: two 24 px cameras, state 6, action 4."""
-    from vla.data.synthetic import make_synthetic_dataset
+    from tests.helpers import two_robot_datasets
 
-    base = tmp_path_factory.mktemp("robots")
-    a = make_synthetic_dataset(base / "robot_a", num_episodes=3, episode_len=12, image_size=32)
-    b = make_synthetic_dataset(base / "robot_b", num_episodes=3, episode_len=10, image_size=24, state_dim=6,
-                               action_dim=4, cameras=("observation.images.top", "observation.images.wrist"),
-                               tasks=("lift the green block",), seed=1)
-    return a, b
+    return two_robot_datasets(tmp_path_factory.mktemp("robots"), b_episodes=3)
 
 
 def _args(out: Path, robots: tuple[Path, Path], *extra: str) -> list[str]:

@@ -129,7 +129,7 @@ def test_shared_prefix_attention_equals_repeated_prefix() -> None:
     mask = torch.cat([rep(pmask)[:, None].expand(-1, t, -1), self_mask[None].expand(b * n, t, t)], dim=2)
     ref = attend(q, torch.cat([rep(pk), k], 2), torch.cat([rep(pv), v], 2), mask)
     assert torch.allclose(got, ref, atol=1e-10), (got - ref).abs().max()
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 inputs: computed in fp32, returned as bf16
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 inputs: fp32 softmax, bf16 result
         low = attend_shared_prefix(*(t.bfloat16() for t in (q, pk, pv)), pmask, k.bfloat16(), v.bfloat16(), self_mask)
     assert low.dtype == torch.bfloat16 and torch.allclose(low.double(), ref, atol=3e-2)
 

@@ -19,14 +19,9 @@ from vla.presets import get_preset
 @pytest.fixture(scope="module")
 def two_robots(tmp_path_factory) -> tuple[Path, Path]:
     """Robot A: one camera, state 4, action 3. Robot B: two other cameras at another size, state 6, action 4."""
-    from vla.data.synthetic import make_synthetic_dataset
+    from tests.helpers import two_robot_datasets
 
-    base = tmp_path_factory.mktemp("mix")
-    a = make_synthetic_dataset(base / "robot_a", num_episodes=3, episode_len=12, image_size=32)
-    b = make_synthetic_dataset(base / "robot_b", num_episodes=2, episode_len=10, image_size=24, state_dim=6,
-                               action_dim=4, cameras=("observation.images.top", "observation.images.wrist"),
-                               tasks=("lift the green block",), seed=1)
-    return a, b
+    return two_robot_datasets(tmp_path_factory.mktemp("mix"), b_episodes=2)
 
 
 def _policy_cfg(**kw) -> PolicyConfig:

@@ -46,8 +46,9 @@ class EMA:
     def update(self, model: torch.nn.Module) -> None:
         """shadow <- d * shadow + (1 - d) * weights; call once after each optimizer step."""
         d = self.current_decay()
-        for n, p in self._params(model):
-            self.shadow[n].lerp_(p.detach().float(), 1.0 - d)
+        names, params = zip(*self._params(model))
+        # One fused op over all tensors: this runs every optimizer step.
+        torch._foreach_lerp_([self.shadow[n] for n in names], [p.detach().float() for p in params], 1.0 - d)
         self.num_updates += 1
 
     @contextmanager

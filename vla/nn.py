@@ -74,15 +74,8 @@ def attend_shared_prefix(
     if bn != b * n or h != g * kvh:
         raise ValueError(f"attend_shared_prefix: {bn} query rows are not a multiple of {b} prefixes, or {h} heads "
                          f"not a multiple of {kvh} kv heads")
-    if torch.is_autocast_enabled(q.device.type):
-        # Under bf16 autocast these small, oddly shaped matmuls are slower on CPU than in fp32 (measured:
-        # benchmarks/latency.py --bf16 --compare-repeated), and the softmax wants fp32 anyway.
-        with torch.autocast(q.device.type, enabled=False):
-            out = attend_shared_prefix(q.float(), prefix_k.float(), prefix_v.float(), prefix_mask, k.float(),
-                                       v.float(), self_mask)
-        return out.to(q.dtype)
     scale = d ** -0.5
-    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 (fp64 for fp64 inputs)
+    acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 even for bf16 inputs (fp64 for fp64)
     # Query head i uses kv head i // g (as repeat_interleave in `attend`): group the g query heads, the
     # N candidates and the T tokens of an observation into the rows of one matrix per kv head.
     rows = q.view(b, n, kvh, g, t, d).permute(0, 2, 3, 1, 4, 5).reshape(b, kvh, g * n * t, d)
