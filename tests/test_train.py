@@ -67,7 +67,9 @@ def test_train_checkpoint_reload_predict(tmp_path: Path, synthetic: Path) -> Non
     ("--bf16=true", "--dataset.crop_scale=0.8", "--num_workers=1"),
     ("--lora.enabled=true", "--lora.r=4"),
     ("--ema_decay=0.9",),
-], ids=["fp32", "bf16-crop-worker", "lora", "ema"])
+    # frozen-encoder feature cache: 2 crop views per frame, drawn at random per sample
+    ("--cache_features=2", "--policy.backbone.freeze_vision=true", "--dataset.crop_scale=0.8", "--bf16=true"),
+], ids=["fp32", "bf16-crop-worker", "lora", "ema", "feature-cache"])
 def test_resume_continues_exactly(tmp_path: Path, synthetic: Path, extra: tuple[str, ...]) -> None:
     straight = tmp_path / "straight"
     train(_cfg(straight, synthetic, "--steps=4", *extra))

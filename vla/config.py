@@ -129,6 +129,9 @@ class TrainConfig:
     # it as the checkpoint's policy; the raw weights go into training_state.pt for --resume.
     ema_decay: float = 0.0
     bf16: bool = False  # autocast matmuls to bf16 on CPU/GPU
+    # > 0 (needs a frozen vision encoder): encode every frame once under this many random-crop views
+    # and train from memory, skipping video decoding and the encoder each step (vla/data/feature_cache.py).
+    cache_features: int = 0
     seed: int = 0
     num_workers: int = 0
     log_every: int = 10

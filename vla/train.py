@@ -159,13 +159,23 @@ def train(cfg: TrainConfig) -> Path:
             load_trainable_state(policy, state["raw_weights"])
         log.info("resumed from %s at step %d", ckpt.resolve(), step)
 
+    pre = policy.preprocessor
     sampler = ResumableBatchSampler(len(dataset), cfg.batch_size, seed=cfg.seed, start_batch=batches_done)
-    # A private generator: creating the loader iterator must not consume the global RNG, or a
-    # resumed run would draw different noise than an uninterrupted one.
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                         persistent_workers=cfg.num_workers > 0,
-                                         generator=torch.Generator().manual_seed(cfg.seed))
-    batches = iter(loader)
+    if cfg.cache_features:
+        # Frozen encoder: encode every frame once (K augmented views) and train from memory.
+        from vla.data.feature_cache import build_feature_cache
+
+        cache = build_feature_cache(dataset, pre, policy.backbone, views=cfg.cache_features, seed=cfg.seed,
+                                    batch_size=cfg.batch_size, num_workers=cfg.num_workers, bf16=cfg.bf16,
+                                    device=device)
+        batches = (cache.batch(indices) for indices in sampler)  # (Observation, raw action fields)
+    else:
+        # A private generator: creating the loader iterator must not consume the global RNG, or a
+        # resumed run would draw different noise than an uninterrupted one.
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                             persistent_workers=cfg.num_workers > 0,
+                                             generator=torch.Generator().manual_seed(cfg.seed))
+        batches = ((pre.observation(raw, train=True), raw) for raw in loader)
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
 
@@ -195,15 +205,14 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=step, desc="train", dynamic_ncols=True, mininterval=1.0)
     losses: list[float] = []
     t0, seen = time.perf_counter(), 0
-    pre = policy.preprocessor
     while step < last_step:
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(cfg.grad_accum):
-            batch = next(batches)
+            obs, raw = next(batches)
             batches_done += 1
-            obs = pre.observation(batch, train=True).to(device)
-            actions, is_pad, dim_mask = (t.to(device) for t in pre.actions(batch))
+            obs = obs.to(device)
+            actions, is_pad, dim_mask = (t.to(device) for t in pre.actions(raw))
             with autocast():
                 per_step = policy.loss(obs, actions, is_pad, dim_mask)  # (B, H)
             loss = per_step.sum() / (~is_pad).sum().clamp(min=1)

@@ -148,6 +148,9 @@ def pretrain(cfg: PretrainConfig, local_rank: int | None = None) -> Path:
     if cfg.ema_decay > 0:
         raise ValueError(f"vla pretrain: --ema_decay={cfg.ema_decay} is not supported under DeepSpeed (ZeRO shards "
                          "the weights); use --ema_decay=0, or vla train for an EMA run")
+    if cfg.cache_features:
+        raise ValueError(f"vla pretrain: --cache_features={cfg.cache_features} is supported by vla train only "
+                         "(one dataset in memory); use --cache_features=0")
 
     # 2. The policy, then the mixture (its preprocessors need the backbone's tokenizer).
     if cfg.init_from:

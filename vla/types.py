@@ -25,6 +25,9 @@ class Observation:
     state_mask:   (B, S) bool; False on padded dims
     prompt_ids:   (B, L) long token ids from the backbone's tokenizer
     prompt_mask:  (B, L) bool
+    image_features: camera -> (B, F, h, w) the frozen vision encoder's output for that camera, when a
+                  feature cache (``vla/data/feature_cache.py``) already ran it; the backbone then skips
+                  its encoder and ``images`` may be empty
     """
 
     images: dict[str, Tensor]
@@ -33,6 +36,7 @@ class Observation:
     prompt_ids: Tensor
     prompt_mask: Tensor
     state_mask: Tensor | None = None
+    image_features: dict[str, Tensor] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -50,6 +54,8 @@ class Observation:
             prompt_ids=self.prompt_ids.to(device),
             prompt_mask=self.prompt_mask.to(device),
             state_mask=None if self.state_mask is None else self.state_mask.to(device),
+            image_features=None if self.image_features is None
+            else {k: v.to(device) for k, v in self.image_features.items()},
         )
 
 

@@ -143,20 +143,30 @@ class TimmLMBackbone(Backbone):
         return self.token_embed(ids)
 
     # --- prefix -----------------------------------------------------------------------------
+    def encode_images(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [0, 1] -> the vision encoder's feature map (B, F, h, w). A frozen encoder's
+        output depends on the pixels alone, so a feature cache may compute it once per frame."""
+        x = ((images - self.cfg.image_mean) / self.cfg.image_std).contiguous(memory_format=torch.channels_last)
+        # A frozen encoder needs no autograd graph: saves the activations' memory and time.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_vision):
+            return self.vision.forward_intermediates(x, indices=[self.feature_index], intermediates_only=True)[0]
+
     def embed_images(self, obs: Observation) -> tuple[Tensor, Tensor]:
         """All cameras -> (tokens (B, C*h*w, W), valid (B, C*h*w) bool)."""
-        cams = list(obs.images)
+        cached = obs.image_features
+        cams = list(cached if cached is not None else obs.images)
         if len(cams) > self.cfg.max_cameras:
             raise ValueError(f"timm_lm: {len(cams)} cameras but max_cameras is {self.cfg.max_cameras}")
         b = obs.batch_size
-        # One encoder call for all cameras (stacked on the batch dim).
-        x = torch.cat([obs.images[c] for c in cams], dim=0)
-        x = ((x - self.cfg.image_mean) / self.cfg.image_std).contiguous(memory_format=torch.channels_last)
-        # A frozen encoder needs no autograd graph: saves the activations' memory and time.
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.freeze_vision):
-            feats = self.vision.forward_intermediates(x, indices=[self.feature_index], intermediates_only=True)[0]
+        if cached is not None:  # the encoder already ran (frozen-encoder feature cache)
+            feats = torch.cat([cached[c] for c in cams], dim=0).to(self.image_proj.weight.dtype)
+        else:  # one encoder call for all cameras (stacked on the batch dim)
+            feats = self.encode_images(torch.cat([obs.images[c] for c in cams], dim=0))
         _, f, h, w = feats.shape
-        tok = self.image_proj(feats.flatten(2).transpose(1, 2))  # (C*B, h*w, W)
+        # (C*B, h*w, F) made contiguous whatever the layout (channels-last from the encoder, standard from
+        # the cache): the same memory layout gives the matmul the same summation order, so cached and live
+        # features give bit-identical tokens in bf16 too. -> tokens (C*B, h*w, W)
+        tok = self.image_proj(feats.permute(0, 2, 3, 1).reshape(feats.shape[0], h * w, f).contiguous())
         tok = tok + sincos_2d(h, w, self.cfg.width, device=tok.device).to(tok.dtype)
         tok = tok.view(len(cams), b, h * w, -1)
         tok = tok + self.camera_embed.weight[: len(cams), None, None, :].to(tok.dtype)
