@@ -69,3 +69,13 @@ def test_refuses_a_trainable_encoder(tmp_path: Path, synthetic: Path) -> None:
     policy.backbone.vision.requires_grad_(False)
     with pytest.raises(ValueError, match="views >= 1, got 0"):
         build_feature_cache(dataset, policy.preprocessor, policy.backbone, views=0)
+
+
+def test_train_refuses_a_cache_without_a_frozen_encoder(tmp_path: Path, synthetic: Path) -> None:
+    from vla.train import train
+
+    cfg = parse_config(TrainConfig, get_preset("debug"), [
+        f"--output_dir={tmp_path}", f"--dataset.root={synthetic}", "--dataset.synthetic=false", "--cache_features=2"])
+    with pytest.raises(ValueError, match=r"--cache_features=2.*freeze_vision=true"):
+        train(cfg)  # the debug preset trains its encoder
+    assert not (tmp_path / "checkpoints").exists()

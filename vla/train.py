@@ -91,6 +91,11 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
 
+    if cfg.cache_features < 0 or (cfg.cache_features and not (getattr(cfg.policy.backbone, "freeze_vision", False)
+                                                               or cfg.lora.enabled)):
+        raise ValueError(f"--cache_features={cfg.cache_features}: expected 0 (off) or a number of views >= 1 with a "
+                         "frozen vision encoder (--policy.backbone.freeze_vision=true)")
+
     # 2. Data and normalization statistics.
     dataset, spec, stats = build_data(cfg)
 

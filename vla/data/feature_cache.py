@@ -10,8 +10,8 @@ for the same cores + the EfficientNet forward). ``vla train --cache_features=K``
 2. keeps the feature maps (in the encoder's output dtype: bf16 under ``--bf16``), the normalized
    state, the prompt tokens and the raw action chunks in memory;
 3. serves each training sample with one of its ``K`` views drawn at random (the global RNG, so
-   ``--resume`` stays exact; building the cache uses its own seeded RNG and leaves the global one
-   untouched).
+   ``--resume`` stays exact; building the cache uses its own seeded torch RNG and leaves the global
+   one untouched; lerobot's item loading draws no random numbers).
 
 Memory: frames x K x F x h x w values — MetaWorld MT10 x 50 (40,872 frames, 112 x 8 x 8 bf16
 features) with K=4 is 2.3 GB. The model trained this way is the same model: evaluation and robots
@@ -42,6 +42,12 @@ def check_cacheable(backbone: torch.nn.Module) -> None:
     if trainable:
         raise ValueError(f"cache_features: the vision encoder must be frozen (--policy.backbone.freeze_vision=true, "
                          f"and no LoRA on it), got {len(trainable)} trainable encoder tensors, e.g. {trainable[0]!r}")
+    # A stochastic encoder (dropout / drop-path active in training) has no single output to cache.
+    noisy = [n for n, m in backbone.vision.named_modules()
+             if float(getattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else getattr(m, "drop_prob", 0.0)) > 0]
+    if noisy:
+        raise ValueError(f"cache_features: the vision encoder is stochastic in training (dropout/drop-path in "
+                         f"{noisy[:3]}); its output cannot be cached")
 
 
 @dataclass
@@ -74,14 +80,14 @@ class FeatureCache:
     def batch(self, indices: list[int]) -> tuple[Observation, dict[str, Tensor]]:
         """One training batch: (Observation with ``image_features``, raw action fields)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
-        view = torch.randint(self.num_views, (len(idx),))  # a random augmented view per sample
         mask = self.prompt_mask[idx]
         width = max(1, int(mask.sum(1).max()))  # trim the shared right padding, as the tokenizer does
         obs = Observation(
             images={}, image_masks={c: m[idx] for c, m in self.image_masks.items()},
             state=self.state[idx], state_mask=self.state_mask[idx],
             prompt_ids=self.prompt_ids[idx, :width], prompt_mask=mask[:, :width],
-            image_features={c: f[view, idx] for c, f in self.features.items()},
+            # a random augmented view per sample and camera
+            image_features={c: f[torch.randint(self.num_views, (len(idx),)), idx] for c, f in self.features.items()},
         )
         return obs, {k: v[idx] for k, v in self.actions.items()}
 
@@ -102,6 +108,9 @@ def build_feature_cache(dataset, preprocessor, backbone, *, views: int, seed: in
         raise ValueError(f"cache_features: expected the number of augmented views >= 1, got {views}")
     check_cacheable(backbone)
     device = torch.device(device)
+    if views > 1 and preprocessor.crop_scale >= 1.0:
+        log.warning("cache_features=%d with dataset.crop_scale=1: every view is the same image (use 1 view, or "
+                    "crop_scale < 1 for augmentation)", views)
     max_len = preprocessor.cfg.max_prompt_len
     act_key = preprocessor.action_key
     pad_key = f"{act_key}_is_pad"
@@ -113,7 +122,8 @@ def build_feature_cache(dataset, preprocessor, backbone, *, views: int, seed: in
     t0 = time.perf_counter()
     # Its own RNG stream: the crops are reproducible (a resumed run rebuilds the same cache) and the
     # training run's global RNG is not consumed.
-    with torch.random.fork_rng(), autocast:
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), autocast:
         torch.manual_seed(seed)
         for batch in tqdm(loader, desc=f"feature cache ({views} views)", dynamic_ncols=True, mininterval=2.0):
             per_view = [preprocessor.observation(batch, train=True) for _ in range(views)]

@@ -233,6 +233,8 @@ def cat_observations(parts: Sequence[Observation]) -> Observation:
         prompt_ids=torch.cat([pad(o.prompt_ids, 0) for o in parts]),
         prompt_mask=torch.cat([pad(o.prompt_mask, False) for o in parts]),
         state_mask=torch.cat([o.state_mask for o in parts]),
+        image_features=None if parts[0].image_features is None
+        else {c: torch.cat([o.image_features[c] for o in parts]) for c in parts[0].image_features},
     )
 
 
