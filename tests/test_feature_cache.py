@@ -79,3 +79,13 @@ def test_train_refuses_a_cache_without_a_frozen_encoder(tmp_path: Path, syntheti
     with pytest.raises(ValueError, match=r"--cache_features=2.*freeze_vision=true"):
         train(cfg)  # the debug preset trains its encoder
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_pretrain_takes_the_metaworld_preset_without_the_train_only_options() -> None:
+    from vla.train_deepspeed import parse_args
+
+    cfg, _ = parse_args(["--preset=metaworld", "--steps=5"])
+    assert get_preset("metaworld").cache_features > 0 and get_preset("metaworld").ema_decay > 0
+    assert (cfg.cache_features, cfg.ema_decay, cfg.steps) == (0, 0.0, 5)
+    cfg, _ = parse_args(["--preset=metaworld", "--cache_features=2"])  # explicit: kept, and refused by pretrain
+    assert cfg.cache_features == 2

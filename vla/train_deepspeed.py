@@ -362,6 +362,9 @@ def parse_args(argv: list[str]) -> tuple[PretrainConfig, int | None]:
             rest.append(a)
     preset, rest = _split_preset(rest)
     base = from_dict(PretrainConfig, to_dict(get_preset(preset))) if preset else PretrainConfig()
+    # A `vla train` preset's single-process options (weight average, in-memory feature cache) are not
+    # DeepSpeed's: a preset turns them off here; asked for explicitly on the command line they are refused.
+    base.ema_decay, base.cache_features = 0.0, 0
     return parse_config(PretrainConfig, base, rest), local_rank
 
 
