@@ -69,6 +69,9 @@ def test_refuses_a_trainable_encoder(tmp_path: Path, synthetic: Path) -> None:
     policy.backbone.vision.requires_grad_(False)
     with pytest.raises(ValueError, match="views >= 1, got 0"):
         build_feature_cache(dataset, policy.preprocessor, policy.backbone, views=0)
+    policy.backbone.vision.add_module("drop", torch.nn.Dropout2d(0.1))  # a stochastic encoder
+    with pytest.raises(ValueError, match="stochastic.*drop"):
+        build_feature_cache(dataset, policy.preprocessor, policy.backbone, views=1)
 
 
 def test_train_refuses_a_cache_without_a_frozen_encoder(tmp_path: Path, synthetic: Path) -> None:

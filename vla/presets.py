@@ -82,7 +82,7 @@ def metaworld() -> TrainConfig:
         dataset=DatasetConfig(root="data/metaworld-mt10", repo_id="local/metaworld-mt10", crop_scale=0.9),
         output_dir="outputs/metaworld",
         # The 2-hour budget of benchmarks/RESULTS.md on 2 idle cores: the encoder runs once per frame and
-        # crop view (feature cache, ~8 min for MT10 x 50), then 11000 x 64 samples at ~114/s (~1 h 43 min).
+        # crop view (feature cache, ~8 min for MT10 x 50), then 11000 x 64 samples at ~116/s (measured: 1 h 41 min).
         steps=11000, batch_size=64, lr=3e-4, warmup_steps=300,
         save_every=2750, log_every=50, bf16=True, num_workers=1, ema_decay=0.999, cache_features=4,
     )

@@ -4,7 +4,7 @@ With a frozen encoder (``backbone.freeze_vision``) its output depends on the pix
 training decodes the video frame and runs the encoder again every time a sample is drawn. On the
 2-core CPU machine that is about a third of a MetaWorld step (AV1 decoding in the loader worker
 competing for the same cores + the EfficientNet forward): the cache takes the `metaworld` preset from
-~78 to ~116 samples/s. ``vla train --cache_features=K`` instead:
+~76–79 to ~116 samples/s. ``vla train --cache_features=K`` instead:
 
 1. decodes every frame once and encodes it under ``K`` random crops (the train-time augmentation,
    ``dataset.crop_scale``; with ``crop_scale=1`` every view is the same and ``K=1`` suffices);
@@ -26,6 +26,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vla.types import Observation
@@ -44,8 +45,9 @@ def check_cacheable(backbone: torch.nn.Module) -> None:
         raise ValueError(f"cache_features: the vision encoder must be frozen (--policy.backbone.freeze_vision=true, "
                          f"and no LoRA on it), got {len(trainable)} trainable encoder tensors, e.g. {trainable[0]!r}")
     # A stochastic encoder (dropout / drop-path active in training) has no single output to cache.
+    dropout = torch.nn.modules.dropout._DropoutNd  # Dropout, Dropout2d, ... (timm's DropPath has drop_prob)
     noisy = [n for n, m in backbone.vision.named_modules()
-             if float(getattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else getattr(m, "drop_prob", 0.0)) > 0]
+             if float(m.p if isinstance(m, dropout) else getattr(m, "drop_prob", 0.0)) > 0]
     if noisy:
         raise ValueError(f"cache_features: the vision encoder is stochastic in training (dropout/drop-path in "
                          f"{noisy[:3]}); its output cannot be cached")
@@ -93,12 +95,6 @@ class FeatureCache:
         return obs, {k: v[idx] for k, v in self.actions.items()}
 
 
-def _pad_to(t: Tensor, length: int, value) -> Tensor:
-    out = torch.full((t.shape[0], length), value, dtype=t.dtype)
-    out[:, : t.shape[1]] = t
-    return out
-
-
 @torch.no_grad()
 def build_feature_cache(dataset, preprocessor, backbone, *, views: int, seed: int = 0, batch_size: int = 64,
                         num_workers: int = 0, bf16: bool = False, device: torch.device | str = "cpu") -> FeatureCache:
@@ -135,8 +131,9 @@ def build_feature_cache(dataset, preprocessor, backbone, *, views: int, seed: in
                 parts.setdefault(f"m:{slot}", []).append(first.image_masks[slot].cpu())
             parts.setdefault("state", []).append(first.state.cpu())
             parts.setdefault("state_mask", []).append(first.state_mask.cpu())
-            parts.setdefault("ids", []).append(_pad_to(first.prompt_ids.cpu(), max_len, 0))
-            parts.setdefault("pmask", []).append(_pad_to(first.prompt_mask.cpu(), max_len, False))
+            right = (0, max_len - first.prompt_ids.shape[1])  # pad every batch's prompts to one width
+            parts.setdefault("ids", []).append(F.pad(first.prompt_ids.cpu(), right, value=0))
+            parts.setdefault("pmask", []).append(F.pad(first.prompt_mask.cpu(), right, value=False))
             parts.setdefault("action", []).append(torch.as_tensor(batch[act_key]))
             if pad_key in batch:
                 parts.setdefault("is_pad", []).append(torch.as_tensor(batch[pad_key]))
