@@ -28,11 +28,13 @@ class ChunkBroker:
         self.num_samples, self.selector = num_samples, selector
         self.policy = policy
         self._queue: deque[np.ndarray] = deque()
+        self._rest: np.ndarray | None = None  # the last chunk's actions beyond n_action_steps (never executed)
         self.chunks_requested = 0
 
     def reset(self) -> None:
-        """Forget the queued actions (call at episode start)."""
+        """Forget the queued actions and the last plan (call at episode start)."""
         self._queue.clear()
+        self._rest = None
         self.policy.reset()
 
     def act(self, raw_obs: Mapping[str, Any]) -> np.ndarray:
@@ -41,13 +43,16 @@ class ChunkBroker:
             if self.selector is None:
                 chunk = np.asarray(self.policy.predict_action_chunk(raw_obs))
             else:
+                # The plan the old chunk had for the next ticks: selectors like `coherence` prefer agreeing with it.
+                ref = {} if self._rest is None else {"reference": self._rest}
                 chunk = np.asarray(self.policy.predict_action_chunk(raw_obs, num_samples=self.num_samples,
-                                                                    selector=self.selector))
+                                                                    selector=self.selector, **ref))
             if chunk.ndim != 2:
                 raise ValueError(f"ChunkBroker: expected a (H, A) chunk, got shape {chunk.shape}")
             if not np.isfinite(chunk).all():
                 raise FloatingPointError("ChunkBroker: the policy returned a non-finite action chunk")
             self._queue.extend(chunk[: self.n_action_steps])
+            self._rest = chunk[self.n_action_steps:] if self.n_action_steps < len(chunk) else None
             self.chunks_requested += 1
         return self._queue.popleft()
 

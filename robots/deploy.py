@@ -199,6 +199,15 @@ def rtc_request(schedule: ActionSchedule, tick: int, delay: int, horizon: int) -
     return {"inpaint": planned, "inpaint_weights": rtc_weights(len(planned), min(delay, len(planned)), 0)}
 
 
+def plan_reference(schedule: ActionSchedule, tick: int, policy: Any, cfg: DeployConfig) -> dict[str, Any]:
+    """With a selector: the actions still planned from ``tick`` on, for selectors that prefer candidates
+    agreeing with the current plan (``coherence``, docs/selectors.md); others ignore it."""
+    if cfg.selector is None:
+        return {}
+    planned = schedule.planned(tick, policy.chunk_size)
+    return {"reference": planned} if len(planned) else {}
+
+
 def _pct(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if values else None
 
@@ -295,10 +304,10 @@ def run_deploy(robot: Robot, policy: Any, cfg: DeployConfig, stop: threading.Eve
                     due = k - last_obs_tick >= max(1, n_exec - expected) or schedule.remaining(k) <= expected
                     if due and not worker.busy:
                         worker.submit(obs, k, **(rtc_request(schedule, k, expected, policy.chunk_size)
-                                                 if cfg.rtc else {}))
+                                                 if cfg.rtc else {}), **plan_reference(schedule, k, policy, cfg))
                         last_obs_tick = k
                 elif due or schedule.remaining(k) == 0:
-                    worker.submit(obs, k)
+                    worker.submit(obs, k, **plan_reference(schedule, k, policy, cfg))
                     take(wait("a chunk"), k)  # synchronous: the chunk starts now (no late actions)
                     last_obs_tick = k
                 ref = hold(obs)

@@ -72,7 +72,7 @@ class PolicyServer:
         self.abandoned = 0  # replies that could not be delivered: the client had disconnected
         self._infer_ms: deque[float] = deque(maxlen=1000)
         params = inspect.signature(registry.policy.predict_action_chunk).parameters
-        self._supports = {k: k in params for k in ("num_samples", "selector", "generator", "inpaint")}
+        self._supports = {k: k in params for k in ("num_samples", "selector", "generator", "inpaint", "reference")}
         self._server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -83,7 +83,8 @@ class PolicyServer:
                 "default_adapter": self.registry.default,
                 "adapters": {n: self.registry.metadata(n) for n in self.registry.names},
                 "supports": {"num_samples": self._supports["num_samples"], "selector": self._supports["selector"],
-                             "seed": self._supports["generator"], "inpaint": self._supports["inpaint"]}}
+                             "seed": self._supports["generator"], "inpaint": self._supports["inpaint"],
+                             "reference": self._supports["reference"]}}
 
     def health(self) -> dict[str, Any]:
         ms = sorted(self._infer_ms)
@@ -190,6 +191,16 @@ class PolicyServer:
                     raise RequestError(P.ERR_BAD_REQUEST, f"inpaint_weights: expected a finite ({inpaint.shape[0]},) "
                                                           f"array, received {type(w).__name__} {getattr(w, 'shape', '')}")
                 kwargs["inpaint_weights"] = w
+        reference = msg.get("reference")
+        if reference is not None:
+            if not self._supports["reference"]:
+                raise RequestError(P.ERR_UNSUPPORTED, "reference: this server's policy takes no reference plan "
+                                                      "(predict_action_chunk(reference=...))")
+            if not isinstance(reference, np.ndarray) or reference.ndim != 2 or not np.isfinite(reference).all():
+                raise RequestError(P.ERR_BAD_REQUEST, "reference: expected a finite (H', A) array of planned actions, "
+                                                      f"received {type(reference).__name__} "
+                                                      f"{getattr(reference, 'shape', '')}")
+            kwargs["reference"] = reference
         seed = msg.get("seed")
         if seed is not None:
             if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:

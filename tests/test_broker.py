@@ -47,3 +47,29 @@ def test_override_and_validation() -> None:
         ChunkBroker(CountingPolicy(bad="nan")).act({})
     with pytest.raises(ValueError, match=r"\(H, A\)"):
         ChunkBroker(CountingPolicy(bad="shape")).act({})
+
+
+class PlanRecordingPolicy(CountingPolicy):
+    """With a selector, records the reference (the previous chunk's not-executed actions) of each call."""
+
+    def __init__(self) -> None:
+        super().__init__(chunk_size=4, n_action_steps=3)
+        self.references: list = []
+
+    def predict_action_chunk(self, raw, num_samples=1, selector=None, reference=None):
+        assert (num_samples, selector) == (2, "coherence")
+        self.references.append(reference)
+        return super().predict_action_chunk(raw)
+
+
+def test_selector_gets_the_previous_plan_as_reference() -> None:
+    policy = PlanRecordingPolicy()
+    broker = ChunkBroker(policy, num_samples=2, selector="coherence")
+    for _ in range(7):
+        broker.act({})
+    first, second, third = policy.references
+    assert first is None  # nothing planned before the first chunk
+    assert np.allclose(second, [[1.3, 1.3]]) and np.allclose(third, [[2.3, 2.3]])  # step 3 of chunks 1 and 2
+    broker.reset()
+    broker.act({})
+    assert policy.references[-1] is None  # a new episode has no plan

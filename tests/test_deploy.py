@@ -167,6 +167,35 @@ def test_rtc_requests_carry_the_planned_actions(ckpt: Path) -> None:
     assert stats["errors"] == 0 and stats["ticks"] == 16 and np.isfinite(robot.actions).all()
 
 
+def test_selector_requests_carry_the_current_plan() -> None:
+    """With a selector, each request after the first carries the actions still planned (the coherence
+    selector's reference); without one, no request does."""
+    seen: list[dict] = []
+
+    class Recording:
+        config = type("C", (), {"chunk_size": 4, "n_action_steps": 2})()
+
+        def predict_action_chunk(self, raw, **kw):
+            seen.append(kw)
+            return np.full((4, 3), 0.1 * len(seen))
+
+    for selector in ("coherence", None):
+        seen.clear()
+        robot = _mock()
+        with robot:
+            cfg = DeployConfig(fps=40, max_steps=8, asynchronous=False, num_samples=2 if selector else None,
+                               selector=selector)
+            stats = run_deploy(robot, LocalPolicy(Recording()), cfg)
+        assert stats["errors"] == 0 and len(seen) >= 3
+        refs = [kw.get("reference") for kw in seen]
+        if selector is None:
+            assert all(r is None for r in refs)
+        else:
+            assert refs[0] is None  # the first chunk has no plan to keep
+            # synchronous, 2 of 4 executed: the plan's last 2 steps of the previous chunk
+            assert all(r is not None and r.shape == (2, 3) and np.allclose(r, 0.1 * i) for i, r in enumerate(refs[1:], 1))
+
+
 def test_synchronous_loop_with_safety_limits(ckpt: Path) -> None:
     robot = _mock()
     cfg = DeployConfig(fps=50, max_steps=12, asynchronous=False, task="push the red block",

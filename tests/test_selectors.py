@@ -48,6 +48,7 @@ def _tiny_cfn(w: int = W) -> CfnSelector:
 BUILDERS = {
     "first": lambda: make_selector("first"),
     "consistency": lambda: make_selector("consistency"),
+    "coherence": lambda: make_selector("coherence"),
     "cfn": _tiny_cfn,
     "world_model": lambda: WorldModelSelector(_RewardModel()),
 }
@@ -73,6 +74,10 @@ def test_select_returns_one_candidate_and_its_score(name: str) -> None:
     # One candidate: it is the answer, whatever the selector.
     one, s1 = sel.select(cands[:, :1], obs=SimpleNamespace(batch_size=B), prefix=None, features=feats[:, :1])
     assert torch.equal(one, cands[:, 0]) and s1.shape == (B, 1)
+    # Every selector takes the previous plan (selectors that do not use it ignore it).
+    ref = torch.randn(B, H // 2, A, generator=g)
+    chunk, scores = sel.select(cands, obs=SimpleNamespace(batch_size=B), prefix=None, features=feats, reference=ref)
+    assert torch.isfinite(scores).all() and all(torch.equal(chunk[b], cands[b, int(scores[b].argmax())]) for b in range(B))
 
 
 def test_first_and_consistency_choices() -> None:
@@ -96,6 +101,44 @@ def test_consistency_ignores_padded_action_dims() -> None:
     assert torch.equal(chunk, cands[:, 1])
     chunk_nomask, _ = make_selector("consistency").select(cands)
     assert torch.equal(chunk_nomask, cands[:, 2])  # the garbage would have decided otherwise
+
+
+def test_coherence_keeps_the_current_plan_between_two_modes() -> None:
+    """Three candidates go one way, two the other: the medoid follows the majority; with a previous plan
+    that went the minority's way, coherence keeps that plan. Padded dims count for neither term."""
+    cands = torch.zeros(1, 5, H, A)
+    cands[0, :3, :, 0] = 1.0 + 0.05 * torch.arange(3.0)[:, None]  # mode +1: candidates 0, 1, 2
+    cands[0, 3:, :, 0] = -1.0 - 0.05 * torch.arange(2.0)[:, None]  # mode -1: candidates 3, 4
+    medoid, _ = make_selector("consistency").select(cands)
+    assert torch.equal(make_selector("coherence").select(cands)[0], medoid)  # no plan yet: the medoid
+    assert float(medoid[0, 0, 0]) > 0
+    ref = torch.full((1, 2, A), 0.0)
+    ref[..., 0] = -1.0  # the old plan: the -1 mode
+    chunk, scores = make_selector("coherence").select(cands, reference=ref)
+    assert torch.equal(chunk, cands[:, 3]) and int(scores.argmax()) == 3
+    # weight 0 is the medoid again; a plan differing only in a padded dim changes nothing.
+    assert torch.equal(make_selector("coherence", weight=0.0).select(cands, reference=ref)[0], medoid)
+    prefix = SimpleNamespace(extras={"action_dim_mask": torch.tensor([[True, True, False]])})
+    padded_only = torch.zeros(1, 2, A)
+    padded_only[..., 2] = 50.0
+    a, _ = make_selector("coherence").select(cands, prefix=prefix, reference=padded_only)
+    assert torch.equal(a, medoid)
+    # The decay weighs the first planned step most: agreeing on step 0 beats agreeing on step 1.
+    two = torch.zeros(1, 2, 2, 1)
+    two[0, 0, 0], two[0, 1, 1] = 1.0, 1.0  # candidate 0 deviates at step 0, candidate 1 at step 1
+    assert int(make_selector("coherence", decay=0.5).select(two, reference=torch.zeros(1, 2, 1))[1].argmax()) == 1
+
+
+def test_coherence_bad_reference_and_config() -> None:
+    cands = torch.zeros(2, 3, H, A)
+    for bad in (torch.zeros(2, H + 1, A), torch.zeros(1, 2, A), torch.zeros(2, 2, A + 1), np.zeros((2, 2, A))):
+        with pytest.raises(ValueError, match=r"reference must be \(2, H', 3\) with 1 <= H' <= 4"):
+            make_selector("coherence").select(cands, reference=bad)
+    with pytest.raises(ValueError, match="reference has NaN"):
+        make_selector("coherence").select(cands, reference=torch.full((2, 2, A), float("nan")))
+    with pytest.raises(ValueError, match="decay=0"):
+        make_selector("coherence", decay=0.0)
+    assert make_selector("coherence", weight=2.0).config().weight == 2.0
 
 
 def test_non_finite_candidates_are_never_chosen() -> None:
@@ -225,6 +268,17 @@ def test_post_train_cfn_saves_with_policy_and_selects(checkpoint, tmp_path: Path
     batched = {k: (np.stack([v, v]) if isinstance(v, np.ndarray) else [v, v]) for k, v in raw.items()}
     assert policy.predict_action_chunk(batched, num_samples=3, selector="consistency").shape[:1] == (2,)
 
+    # coherence: the reference is raw actions, normalized like the candidates — a plan equal to one
+    # candidate's first steps (heavily weighted) picks that candidate, whatever the medoid is.
+    for j in (0, 5):
+        spec = {"type": "coherence", "weight": 100.0}
+        picked = policy.predict_action_chunk(raw, num_samples=8, generator=g(), selector=spec, reference=allc[j][:3])
+        assert np.allclose(picked, allc[j], atol=1e-5), j
+    with pytest.raises(ValueError, match="reference: .*pass a selector"):
+        policy.predict_action_chunk(raw, reference=allc[0][:3])
+    with pytest.raises(ValueError, match=r"reference: expected \(H', 3\)"):
+        policy.predict_action_chunk(raw, num_samples=2, selector="coherence", reference=allc[0][:, :2])
+
     broker = ChunkBroker(policy, num_samples=4, selector="cfn")
     assert broker.act(raw).shape == (policy.preprocessor.action_dim,)
     with pytest.raises(ValueError, match="needs a selector"):
@@ -275,9 +329,16 @@ class _SelectingPolicy:
     def reset(self) -> None:
         pass
 
-    def predict_action_chunk(self, obs, num_samples=1, selector=None):
+    def __init__(self) -> None:
+        self.chunks = 0
+
+    def predict_action_chunk(self, obs, num_samples=1, selector=None, reference=None):
         assert (num_samples, selector) == (3, "consistency"), (num_samples, selector)
-        return np.zeros((8, 4), np.float32)
+        # The previous chunk's not-executed steps (4..7) come back as the reference, from the 2nd chunk on.
+        expected = None if self.chunks == 0 else np.full((4, 4), 0.1 * self.chunks, np.float32)
+        assert (reference is None) if expected is None else np.allclose(reference, expected), (self.chunks, reference)
+        self.chunks += 1
+        return np.full((8, 4), 0.1 * self.chunks, np.float32)
 
 
 def test_metaworld_evaluate_passes_the_selector() -> None:

@@ -145,6 +145,11 @@ def test_samples_and_selector_pass_through(url: str) -> None:
             client.infer(_obs(), inpaint=committed, inpaint_weights=[1.0])
         with pytest.raises(ServerError, match="inpaint"):
             client.infer(_obs(), inpaint=np.zeros(3))
+        # The current plan for the coherence selector.
+        assert client.metadata["supports"]["reference"]
+        assert client.infer(_obs(), num_samples=3, selector="coherence", reference=committed).actions.shape == (4, 3)
+        with pytest.raises(ServerError, match=r"reference: expected a finite \(H', A\)"):
+            client.infer(_obs(), num_samples=3, selector="coherence", reference=np.zeros(3))
 
 
 def _raw(client: PolicyClient, frame) -> dict:

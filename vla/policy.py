@@ -69,7 +69,7 @@ class VLAPolicy(nn.Module):
     def predict_action_chunk(self, raw_obs: Mapping[str, Any], num_samples: int = 1,
                              generator: torch.Generator | None = None, selector: Any = None,
                              inpaint: Any = None, inpaint_weights: Any = None,
-                             max_guidance: float = 5.0) -> np.ndarray:
+                             max_guidance: float = 5.0, reference: Any = None) -> np.ndarray:
         """LeRobot-keyed observation -> unnormalized chunk.
 
         Unbatched input (state of shape (S,)) gives (H, A); batched input (B, S) gives (B, H, A);
@@ -84,6 +84,9 @@ class VLAPolicy(nn.Module):
         guided to agree with these committed actions on its first H' steps, weighted by
         ``inpaint_weights`` ((H',) or (B, H') in [0, 1], default 1; ``policies.rtc.rtc_weights`` gives
         RTC's soft mask). Flow-matching heads only.
+
+        ``reference`` (H', A) or (B, H', A) raw actions: what the previous chunk still plans for this
+        chunk's first H' ticks, for selectors that prefer agreeing with it (``coherence``); needs a selector.
         """
         pre = self._pre()
         was_training = self.training
@@ -93,11 +96,15 @@ class VLAPolicy(nn.Module):
             kw = {} if inpaint is None else {
                 "guide": self._inpaint_guide(inpaint, inpaint_weights, obs.batch_size, max_guidance)}
             if selector is None:
+                if reference is not None:
+                    raise ValueError("reference: the previous plan is only used to choose among candidates; "
+                                     "pass a selector (e.g. selector='coherence')")
                 chunks = self.sample_actions(obs, num_samples=num_samples, generator=generator, **kw)  # (B, N, H, A)
             else:  # lazy: vla core reaches policies only by name
                 from policies.selectors import sample_and_select
 
-                chunk, scores = sample_and_select(self, obs, num_samples, selector, generator, **kw)
+                ref = None if reference is None else self._normalized_actions(reference, obs.batch_size, "reference")
+                chunk, scores = sample_and_select(self, obs, num_samples, selector, generator, reference=ref, **kw)
                 self.last_scores = scores.cpu().numpy()
                 chunks = chunk[:, None]
             out = pre.unnormalize_actions(chunks.float()).cpu().numpy()
@@ -121,23 +128,33 @@ class VLAPolicy(nn.Module):
         if "guide" not in inspect.signature(self.head.sample).parameters:
             raise ValueError(f"inpaint: real-time chunking needs a flow-matching head; this policy's head is "
                              f"{type(self.head).__name__}")
+        h, a_max = self.config.chunk_size, self.config.max_action_dim
+        ref = self._normalized_actions(actions, batch, "inpaint")  # (B, H', A_max)
+        k = ref.shape[1]
+        w = np.ones((batch, k), np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
+        w = np.broadcast_to(w, (batch, k)) if w.ndim == 1 and w.shape[0] == k else w
+        if w.shape != (batch, k):
+            raise ValueError(f"inpaint_weights: expected shape ({k},) or {(batch, k)}, received {w.shape}")
+        target = torch.zeros(batch, h, a_max, device=self.device)
+        target[:, :k] = ref
+        wt = torch.zeros(batch, h, a_max)
+        wt[:, :k, : self._pre().action_dim] = torch.tensor(w)[..., None]
+        return InpaintGuide(target, wt.to(self.device), max_guidance)
+
+    def _normalized_actions(self, actions: Any, batch: int, field: str) -> Tensor:
+        """Raw (H', A) or (B, H', A) actions, 1 <= H' <= chunk_size -> (B, H', max_action_dim) normalized,
+        zero-padded like the head's chunks. ``field`` names the argument in errors."""
         pre, h, a_max = self._pre(), self.config.chunk_size, self.config.max_action_dim
         a = np.asarray(actions, dtype=np.float32)
         a = a[None] if a.ndim == 2 else a
         if a.ndim != 3 or a.shape[0] != batch or not 1 <= a.shape[1] <= h or a.shape[2] != pre.action_dim:
-            raise ValueError(f"inpaint: expected (H', {pre.action_dim}) or ({batch}, H', {pre.action_dim}) actions with "
+            raise ValueError(f"{field}: expected (H', {pre.action_dim}) or ({batch}, H', {pre.action_dim}) actions with "
                              f"1 <= H' <= chunk_size={h}, received shape {np.shape(actions)}")
         if not np.isfinite(a).all():
-            raise ValueError("inpaint: the committed actions have NaN/inf values")
-        w = np.ones(a.shape[:2], np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
-        w = np.broadcast_to(w, a.shape[:2]) if w.ndim == 1 and w.shape[0] == a.shape[1] else w
-        if w.shape != a.shape[:2]:
-            raise ValueError(f"inpaint_weights: expected shape ({a.shape[1]},) or {a.shape[:2]}, received {w.shape}")
-        target = torch.zeros(batch, h, a_max)
-        target[:, : a.shape[1], : a.shape[2]] = pre.normalizer.normalize(pre.action_key, torch.from_numpy(a)).float()
-        wt = torch.zeros(batch, h, a_max)
-        wt[:, : a.shape[1], : a.shape[2]] = torch.tensor(w)[..., None]
-        return InpaintGuide(target.to(self.device), wt.to(self.device), max_guidance)
+            raise ValueError(f"{field}: the actions have NaN/inf values")
+        out = torch.zeros(batch, a.shape[1], a_max)
+        out[..., : a.shape[2]] = pre.normalizer.normalize(pre.action_key, torch.from_numpy(a)).float()
+        return out.to(self.device)
 
     @property
     def device(self) -> torch.device:

@@ -122,18 +122,22 @@ def eval_episode(job: dict[str, Any]) -> dict[str, Any]:
     obs = env.reset()
     frames = [obs] if job["video"] else None
     queue: list[np.ndarray] = []
+    kwargs = _POLICY.get("kwargs", {})
+    rest = None  # with a selector: what the last chunk planned beyond the executed steps (its reference)
     success, steps, chunks, policy_s = False, 0, 0, 0.0
     while steps < job["max_steps"]:
         if not queue:
             where = f"task {job['task']!r}, episode {job['episode']}, step {steps}"
             t0 = time.perf_counter()
+            kw = kwargs if rest is None or "selector" not in kwargs else {**kwargs, "reference": rest}
             try:
-                raw = policy.predict_action_chunk(obs, **_POLICY.get("kwargs", {}))
+                raw = policy.predict_action_chunk(obs, **kw)
             except Exception as e:  # name the episode; the policy's own message follows
                 raise RuntimeError(f"{where}: the policy raised {type(e).__name__}: {e}") from e
             policy_s += time.perf_counter() - t0
             chunk = check_chunk(raw, max(n_exec, 1), where)
             queue = list(chunk[: n_exec or len(chunk)])
+            rest = chunk[n_exec:] if 0 < n_exec < len(chunk) else None
             chunks += 1
         obs, success, truncated = env.step(queue.pop(0))
         steps += 1
@@ -268,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--selector", "--selector.type", dest="selector", default=None,
-                   help="test-time chunk selector: first, consistency, cfn, world_model (docs/selectors.md)")
+                   help="test-time chunk selector: first, consistency, coherence, cfn, world_model (docs/selectors.md)")
     p.add_argument("--selector.path", dest="selector_path", default=None,
                    help="selector assets (cfn: default the CFN saved with the policy; world_model: required)")
     p.add_argument("--num-samples", type=int, default=1, help="candidate chunks per re-plan (needs --selector)")

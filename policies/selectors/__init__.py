@@ -1,7 +1,8 @@
 """Test-time action-chunk selection: N candidates from one backbone pass, one chosen (docs/selectors.md).
 
-Registered selectors: ``first`` (baseline), ``consistency`` (medoid), ``cfn`` (pseudo-count, TACO),
-``world_model`` (reward from the post-training world model).
+Registered selectors: ``first`` (baseline), ``consistency`` (medoid), ``coherence`` (medoid + agreement
+with the previous chunk's plan, BID), ``cfn`` (pseudo-count, TACO), ``world_model`` (reward from the
+post-training world model).
 """
 from policies.selectors.base import (  # noqa: F401
     SELECTOR_DIR,
@@ -15,5 +16,5 @@ from policies.selectors.base import (  # noqa: F401
     selector_names,
 )
 from policies.selectors.cfn import CfnConfig, CfnSelector, CoinFlipNetwork, fit_cfn  # noqa: F401
-from policies.selectors.simple import ConsistencySelector, FirstSelector  # noqa: F401
+from policies.selectors.simple import CoherenceSelector, ConsistencySelector, FirstSelector  # noqa: F401
 from policies.selectors.world_model import WorldModelSelector  # noqa: F401

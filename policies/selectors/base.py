@@ -72,6 +72,9 @@ class ChunkSelector:
 
     name: str = "?"
     needs_features: bool = False  # True: ``select`` needs the head's features (B, N, H, W)
+    # True: ``score`` also takes ``reference`` (B, H', A), the previous chunk's not-yet-executed actions
+    # (normalized, padded like the candidates; None at an episode's first chunk).
+    needs_reference: bool = False
 
     def score(self, candidates: Tensor, *, obs: Observation | None, prefix: Prefix | None,
               features: Tensor | None) -> Tensor:
@@ -79,16 +82,23 @@ class ChunkSelector:
         raise NotImplementedError(f"{type(self).__name__}.score")
 
     def select(self, candidates: Tensor, *, obs: Observation | None = None, prefix: Prefix | None = None,
-               features: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               features: Tensor | None = None, reference: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """candidates (B, N, H, A) -> (chunk (B, H, A), scores (B, N)); chunk[b] = candidates[b, argmax scores[b]].
 
+        ``reference`` (B, H', A), H' <= H: the actions still planned from the previous chunk for the
+        candidates' first H' steps (selectors with ``needs_reference`` use it; others ignore it).
         A candidate with a non-finite value is never chosen (its score becomes -inf); if every candidate
         of an observation is non-finite this raises instead of handing NaN to a robot.
         """
         check_candidates(candidates, self.name)
         if self.needs_features:
             check_features(features, candidates, self.name)
-        scores = self.score(candidates, obs=obs, prefix=prefix, features=features).float()
+        kw: dict[str, Any] = {}
+        if self.needs_reference:
+            if reference is not None:
+                check_reference(reference, candidates, self.name)
+            kw["reference"] = reference
+        scores = self.score(candidates, obs=obs, prefix=prefix, features=features, **kw).float()
         b, n = candidates.shape[:2]
         if tuple(scores.shape) != (b, n):
             raise ValueError(f"selector {self.name!r}: score() returned shape {tuple(scores.shape)}, expected ({b}, {n})")
@@ -159,6 +169,18 @@ def check_features(features: Any, candidates: Tensor, who: str) -> None:
         raise ValueError(f"selector {who!r}: features must be ({b}, {n}, T, W) like the candidates, got {shape}")
 
 
+def check_reference(reference: Any, candidates: Tensor, who: str) -> None:
+    b, _, h, a = candidates.shape
+    ok = (isinstance(reference, Tensor) and reference.ndim == 3 and reference.shape[0] == b
+          and 1 <= reference.shape[1] <= h and reference.shape[2] == a)
+    if not ok:
+        shape = tuple(reference.shape) if hasattr(reference, "shape") else type(reference).__name__
+        raise ValueError(f"selector {who!r}: reference must be ({b}, H', {a}) with 1 <= H' <= {h} "
+                         f"(the previous chunk's remaining actions), got {shape}")
+    if not bool(torch.isfinite(reference).all()):
+        raise ValueError(f"selector {who!r}: reference has NaN/inf values")
+
+
 # --- the policy-level entry point ---------------------------------------------------------------
 _RESOLVED: weakref.WeakKeyDictionary[Any, dict[str, ChunkSelector]] = weakref.WeakKeyDictionary()
 
@@ -194,7 +216,8 @@ def resolve_selector(spec: Any, policy: Any = None) -> ChunkSelector:
 
 @torch.no_grad()
 def sample_and_select(policy: Any, obs: Observation, num_samples: int, selector: Any,
-                      generator: torch.Generator | None = None, **head_kw: Any) -> tuple[Tensor, Tensor]:
+                      generator: torch.Generator | None = None, reference: Tensor | None = None,
+                      **head_kw: Any) -> tuple[Tensor, Tensor]:
     """ONE backbone pass, ``num_samples`` candidates from the head, the selector's choice.
 
     -> chunk (B, H, A) normalized, scores (B, N). This is what ``VLAPolicy.predict_action_chunk(raw,
@@ -209,4 +232,4 @@ def sample_and_select(policy: Any, obs: Observation, num_samples: int, selector:
         candidates, features = policy.head.sample(policy.backbone, prefix, return_features=True, **kw)
     else:
         candidates, features = policy.head.sample(policy.backbone, prefix, **kw), None
-    return sel.select(candidates, obs=obs, prefix=prefix, features=features)
+    return sel.select(candidates, obs=obs, prefix=prefix, features=features, reference=reference)
