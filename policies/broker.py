@@ -5,10 +5,21 @@ then asks for a new chunk with a fresh observation (receding horizon, as in ACT 
 """
 from __future__ import annotations
 
+import inspect
 from collections import deque
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
+
+
+def accepts_keyword(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes the keyword ``name`` (by name or through ``**kwargs``): optional per-call
+    arguments such as ``reference=`` go only to policies that take them."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins / C callables without a signature
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 class ChunkBroker:
@@ -27,6 +38,7 @@ class ChunkBroker:
                              "(e.g. selector='consistency' or 'cfn')")
         self.num_samples, self.selector = num_samples, selector
         self.policy = policy
+        self._takes_reference = selector is not None and accepts_keyword(policy.predict_action_chunk, "reference")
         self._queue: deque[np.ndarray] = deque()
         self._rest: np.ndarray | None = None  # the last chunk's actions beyond n_action_steps (never executed)
         self.chunks_requested = 0
@@ -44,7 +56,7 @@ class ChunkBroker:
                 chunk = np.asarray(self.policy.predict_action_chunk(raw_obs))
             else:
                 # The plan the old chunk had for the next ticks: selectors like `coherence` prefer agreeing with it.
-                ref = {} if self._rest is None else {"reference": self._rest}
+                ref = {} if self._rest is None or not self._takes_reference else {"reference": self._rest}
                 chunk = np.asarray(self.policy.predict_action_chunk(raw_obs, num_samples=self.num_samples,
                                                                     selector=self.selector, **ref))
             if chunk.ndim != 2:

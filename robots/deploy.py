@@ -78,6 +78,7 @@ class RemotePolicy:
         self.client = PolicyClient(url, adapter=adapter)
         meta = self.client.adapter_metadata(adapter)
         self.chunk_size, self.n_action_steps = int(meta["chunk_size"]), int(meta["n_action_steps"])
+        self.takes_reference = bool(self.client.metadata.get("supports", {}).get("reference"))
         self.server_ms: list[float] = []
 
     def __call__(self, obs: dict[str, Any], **kw: Any) -> np.ndarray:
@@ -97,6 +98,8 @@ class LocalPolicy:
     ``predict_action_chunk(raw) -> (H, A)`` and ``config.chunk_size`` / ``config.n_action_steps``."""
 
     def __init__(self, policy: Any, adapter: str | None = None, device: str = "cpu") -> None:
+        from policies.broker import accepts_keyword  # in-process policies have torch loaded anyway
+
         if isinstance(policy, (str, Path)):
             from robots.adapters import AdapterRegistry
 
@@ -104,11 +107,13 @@ class LocalPolicy:
             name = reg.check_name(adapter or reg.default)
             self._predict: Callable[..., np.ndarray] = lambda obs, **kw: reg.predict(name, obs, **kw)
             cfg = reg.policy.config
+            self.takes_reference = accepts_keyword(reg.policy.predict_action_chunk, "reference")
         else:
             if adapter is not None:
                 raise ValueError("LocalPolicy: an adapter needs a checkpoint path")
             self._predict, cfg = policy.predict_action_chunk, policy.config
             self._reset = getattr(policy, "reset", None)
+            self.takes_reference = accepts_keyword(policy.predict_action_chunk, "reference")
         self.chunk_size, self.n_action_steps = int(cfg.chunk_size), int(cfg.n_action_steps)
 
     def __call__(self, obs: dict[str, Any], **kw: Any) -> np.ndarray:
@@ -202,7 +207,7 @@ def rtc_request(schedule: ActionSchedule, tick: int, delay: int, horizon: int) -
 def plan_reference(schedule: ActionSchedule, tick: int, policy: Any, cfg: DeployConfig) -> dict[str, Any]:
     """With a selector: the actions still planned from ``tick`` on, for selectors that prefer candidates
     agreeing with the current plan (``coherence``, docs/selectors.md); others ignore it."""
-    if cfg.selector is None:
+    if cfg.selector is None or not getattr(policy, "takes_reference", False):
         return {}
     planned = schedule.planned(tick, policy.chunk_size)
     return {"reference": planned} if len(planned) else {}

@@ -196,10 +196,15 @@ class PolicyServer:
             if not self._supports["reference"]:
                 raise RequestError(P.ERR_UNSUPPORTED, "reference: this server's policy takes no reference plan "
                                                       "(predict_action_chunk(reference=...))")
-            if not isinstance(reference, np.ndarray) or reference.ndim != 2 or not np.isfinite(reference).all():
-                raise RequestError(P.ERR_BAD_REQUEST, "reference: expected a finite (H', A) array of planned actions, "
+            if sel is None:
+                raise RequestError(P.ERR_BAD_REQUEST, "reference: the current plan only chooses among candidates; "
+                                                      "send a selector (e.g. 'coherence') with num_samples > 1")
+            if not isinstance(reference, np.ndarray) or reference.ndim != 2:
+                raise RequestError(P.ERR_BAD_REQUEST, "reference: expected a (H', A) array of planned actions, "
                                                       f"received {type(reference).__name__} "
                                                       f"{getattr(reference, 'shape', '')}")
+            if not np.isfinite(reference).all():
+                raise RequestError(P.ERR_BAD_REQUEST, f"reference: the planned actions {reference.shape} have NaN/inf")
             kwargs["reference"] = reference
         seed = msg.get("seed")
         if seed is not None:

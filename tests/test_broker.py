@@ -73,3 +73,14 @@ def test_selector_gets_the_previous_plan_as_reference() -> None:
     broker.reset()
     broker.act({})
     assert policy.references[-1] is None  # a new episode has no plan
+
+
+def test_policies_without_a_reference_keyword_still_select() -> None:
+    """Policies written before `reference=` existed keep working with a selector: it is not sent to them."""
+
+    class OldPolicy(CountingPolicy):
+        def predict_action_chunk(self, raw, num_samples=1, selector=None):
+            return super().predict_action_chunk(raw)
+
+    broker = ChunkBroker(OldPolicy(), num_samples=2, selector="consistency")
+    assert [round(float(broker.act({})[0]), 1) for _ in range(5)] == [1.0, 1.1, 2.0, 2.1, 3.0]

@@ -148,8 +148,12 @@ def test_samples_and_selector_pass_through(url: str) -> None:
         # The current plan for the coherence selector.
         assert client.metadata["supports"]["reference"]
         assert client.infer(_obs(), num_samples=3, selector="coherence", reference=committed).actions.shape == (4, 3)
-        with pytest.raises(ServerError, match=r"reference: expected a finite \(H', A\)"):
+        with pytest.raises(ServerError, match=r"reference: expected a \(H', A\) array .* \(3,\)"):
             client.infer(_obs(), num_samples=3, selector="coherence", reference=np.zeros(3))
+        with pytest.raises(ServerError, match=r"reference: the planned actions \(2, 3\) have NaN"):
+            client.infer(_obs(), num_samples=3, selector="coherence", reference=np.full((2, 3), np.nan))
+        with pytest.raises(ServerError, match="reference: .*send a selector"):
+            client.infer(_obs(), reference=committed)
 
 
 def _raw(client: PolicyClient, frame) -> dict:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from policies.broker import accepts_keyword
 from vla.data.dataset import IMAGE_PREFIX
 
 from .env import ACTION_DIM, DEFAULT_CAMERA, check_cameras
@@ -123,13 +124,15 @@ def eval_episode(job: dict[str, Any]) -> dict[str, Any]:
     frames = [obs] if job["video"] else None
     queue: list[np.ndarray] = []
     kwargs = _POLICY.get("kwargs", {})
-    rest = None  # with a selector: what the last chunk planned beyond the executed steps (its reference)
+    # With a selector, policies that take it get the last chunk's planned-but-not-executed steps as reference.
+    plans = "selector" in kwargs and accepts_keyword(policy.predict_action_chunk, "reference")
+    rest = None
     success, steps, chunks, policy_s = False, 0, 0, 0.0
     while steps < job["max_steps"]:
         if not queue:
             where = f"task {job['task']!r}, episode {job['episode']}, step {steps}"
             t0 = time.perf_counter()
-            kw = kwargs if rest is None or "selector" not in kwargs else {**kwargs, "reference": rest}
+            kw = {**kwargs, "reference": rest} if plans and rest is not None else kwargs
             try:
                 raw = policy.predict_action_chunk(obs, **kw)
             except Exception as e:  # name the episode; the policy's own message follows
