@@ -18,7 +18,9 @@ characters) instead of U+0000. Integers outside the fitted range are clipped to 
 
 Decoding is exact up to step 2's rounding: BPE is lossless. A code sequence is invalid (``valid=False``)
 when an id is outside the vocabulary, or the decoded string is not exactly ``H * A`` characters of the
-alphabet — an autoregressive head can sample such sequences.
+alphabet — an unconstrained autoregressive head can sample such sequences. :meth:`code_lengths`
+gives each id's character count, so the discrete head can constrain decoding to rows of exactly
+``H * A`` characters (every BPE string is in the alphabet, so such rows always decode).
 """
 from __future__ import annotations
 
@@ -82,6 +84,15 @@ class FastTokenizer(ActionTokenizer):
     def vocab_size(self) -> int:
         self._require_fitted("vocab_size")  # the trained BPE may hold fewer tokens than asked
         return len(self._id_to_str)
+
+    def code_lengths(self) -> np.ndarray:
+        """(vocab_size,) characters (= DCT coefficients) each BPE id stands for."""
+        self._require_fitted("code_lengths")
+        return np.array([len(t) for t in self._id_to_str], dtype=np.int64)
+
+    @property
+    def decoded_length(self) -> int:
+        return self.horizon * self.action_dim
 
     # --- fit ------------------------------------------------------------------------------------
     def _fit(self, x: np.ndarray) -> None:

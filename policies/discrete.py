@@ -16,8 +16,14 @@ Two decoders (``--head.decoding``):
   codes, so N candidates cost one pass on B rows and N draws from the same distributions.
 
 Variable-length tokenizers (FAST) append an end-of-sequence id; they need ``autoregressive``.
-Rows that do not decode (e.g. a FAST string of the wrong length) are re-sampled up to
-``max_resample`` times; if still invalid, sampling raises instead of returning NaN or zeros.
+A FAST row decodes only if its BPE tokens spell exactly ``H * A`` DCT coefficients, which a model
+that is not fully trained often misses (pi0-FAST's release returns zeros then). Decoding is therefore
+constrained (``--head.constrain_length``, on by default): at each position only ids that fit in the
+coefficients still missing are allowed, and EOS only when none are missing — renormalizing the
+model's distribution over the sequences that decode, so every sampled row is a chunk.
+Rows that still do not decode are re-sampled up to ``max_resample`` times (at ``resample_temperature``
+when the first draw was greedy, since a greedy re-draw repeats itself); if still invalid, sampling
+raises instead of returning NaN or zeros.
 """
 from __future__ import annotations
 
@@ -44,6 +50,8 @@ class DiscreteConfig(HeadConfig):
     temperature: float = 1.0  # 0 = greedy (then N candidates are identical)
     top_k: int = 0  # 0 = the whole vocabulary
     max_resample: int = 3  # tries for rows that sampled an undecodable code sequence
+    resample_temperature: float = 1.0  # re-draws after a greedy (temperature 0) draw use this
+    constrain_length: bool = True  # variable-length tokenizers: only sample rows of the decodable length
 
     @classmethod
     def tiny(cls) -> "DiscreteConfig":
@@ -130,12 +138,13 @@ class DiscreteHead(TokenHead):
         b, n = prefix.batch_size, num_samples
         codes, mask, feats = self._sample_codes(backbone, prefix, n, temp, k, generator)
         chunks, valid = self.decode_codes(codes, mask)
+        retry_temp = temp if temp > 0 else self.cfg.resample_temperature
         for _ in range(self.cfg.max_resample):
             bad = (~valid).nonzero().flatten()
             if len(bad) == 0:
                 break
             sub = prefix._map(lambda t: t[torch.div(bad, n, rounding_mode="floor")])
-            c2, m2, f2 = self._sample_codes(backbone, sub, 1, temp, k, generator)
+            c2, m2, f2 = self._sample_codes(backbone, sub, 1, retry_temp, k, generator)
             a2, v2 = self.decode_codes(c2, m2)
             chunks[bad], valid[bad] = a2, v2
             width = min(f2.shape[1], feats.shape[1])
@@ -160,6 +169,17 @@ class DiscreteHead(TokenHead):
             allowed[-1, self.eos] = True
         return allowed
 
+    def _length_constraint(self, rows: int, device) -> "_LengthBudget | None":
+        """The per-row budget that keeps variable-length sampling decodable (None when not needed)."""
+        if not (self.variable and self.cfg.constrain_length):
+            return None
+        tok = self._require_tokenizer()
+        lengths = tok.code_lengths()
+        if lengths is None:
+            return None
+        return _LengthBudget(torch.from_numpy(lengths), tok.decoded_length, self.code_out.out_features,
+                             self.eos, rows, device)
+
     def _sample_codes(self, backbone, prefix, n, temp, top_k, generator):
         """-> codes (B*n, L), mask (B*n, L), features (B*n, L, hidden)."""
         dev = prefix.hidden.device
@@ -177,14 +197,19 @@ class DiscreteHead(TokenHead):
         h = h[:, -1].repeat_interleave(n, 0)
         codes, feats = [], []
         done = torch.zeros(h.shape[0], dtype=torch.bool, device=dev)
+        fits = self._length_constraint(h.shape[0], dev)
         for i in range(length):
             logits = self.code_out(h).masked_fill(~allowed[i], float("-inf"))
+            if fits is not None:
+                logits = logits.masked_fill(~fits(), float("-inf"))
             c = self.pick(logits, temp, top_k, generator)
             if self.variable:
                 c = torch.where(done, torch.full_like(c, self.eos), c)
                 done = done | (c == self.eos)
             codes.append(c)
             feats.append(h)
+            if fits is not None:
+                fits.consume(c)
             if i == length - 1 or (self.variable and bool(done.all())):
                 break
             x = (self.code_emb(c) + slots[i + 1])[:, None]
@@ -197,3 +222,30 @@ class DiscreteHead(TokenHead):
         ended = (codes_t == self.eos).any(1)
         mask = mask & ended[:, None]  # a row that never ended decodes as invalid (empty)
         return torch.where(mask, codes_t, 0), mask, feats_t
+
+
+class _LengthBudget:
+    """Constrained decoding for tokenizers whose ids stand for a varying number of units (FAST's BPE
+    tokens: characters = DCT coefficients) and whose rows decode only at an exact total.
+
+    Each row keeps how many units are still missing. An id is allowed while it fits in that budget;
+    EOS only once it is spent (and then only EOS). Every unit-length id is in the vocabulary (FAST's BPE
+    starts from its whole alphabet) and the head allows ``H * A`` codes, so a row can always finish.
+    """
+
+    def __init__(self, lengths: Tensor, total: int, width: int, eos: int, rows: int, device):
+        self.lengths = torch.full((width,), total + 1, dtype=torch.long)  # unused columns never fit
+        self.lengths[: len(lengths)] = lengths
+        self.lengths = self.lengths.to(device)
+        self.eos = eos
+        self.left = torch.full((rows,), total, dtype=torch.long, device=device)
+
+    def __call__(self) -> Tensor:
+        """(rows, width) bool: the ids each row may sample next."""
+        ok = self.lengths[None] <= self.left[:, None]
+        ok[:, self.eos] = self.left == 0
+        return ok
+
+    def consume(self, ids: Tensor) -> None:
+        """Spend the budget of the ids just sampled (EOS costs nothing)."""
+        self.left = self.left - self.lengths[ids].masked_fill(ids == self.eos, 0)

@@ -3,6 +3,7 @@ coarse-to-fine mask is block-causal by scale, the per-step loss is the exact seq
 a chunk, invalid code rows never reach the caller, and `vla train` fits/saves/reloads the tokenizer."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -38,7 +39,7 @@ HEADS = {
 def _policy(head, seed: int = 0) -> VLAPolicy:
     torch.manual_seed(seed)
     backbone = next(v for k, v in backbone_variants().items() if k.startswith("timm_lm"))
-    policy = VLAPolicy(tiny_policy_config(backbone, head))
+    policy = VLAPolicy(tiny_policy_config(backbone, copy.deepcopy(head)))  # tests may change head.cfg
     fit_head(policy, num=128, seed=seed)
     return policy.eval()
 
@@ -68,6 +69,8 @@ def test_cached_decoding_matches_teacher_forcing(name: str) -> None:
         assert torch.equal(logits_tf.argmax(-1), codes)
         assert head.tokenizer.num_codes == codes.shape[1]
         return
+    if head.variable:  # compare with the plain argmax (the length budget is tested on its own below)
+        head.cfg.constrain_length = False
     codes, mask, feats = head._sample_codes(policy.backbone, prefix, 1, 0.0, 0, None)
     logits, h = head.logits(policy.backbone, prefix, codes)
     pred = logits.masked_fill(~head.allowed_ids(logits.device)[: codes.shape[1]], float("-inf")).argmax(-1)
@@ -163,6 +166,67 @@ def test_invalid_rows_are_resampled_then_raise(monkeypatch) -> None:
         head.sample(policy.backbone, prefix, num_samples=2)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_fast_decoding_is_constrained_to_decodable_rows(temperature: float, monkeypatch) -> None:
+    """An untrained FAST head almost never spells exactly H*A coefficients on its own; the length
+    budget makes every row decode on the first draw (no re-samples), greedy or sampled, and each row's
+    BPE tokens add up to H*A characters."""
+    policy = _policy(HEADS["ar_fast"])
+    head = policy.head
+    prefix = policy.encode(random_observation(policy, batch=2))
+    decoded = []
+    real = head.decode_codes
+
+    def spy(codes, mask=None):
+        out = real(codes, mask)
+        decoded.append((codes, mask, out[1]))
+        return out
+
+    monkeypatch.setattr(head, "decode_codes", spy)
+    gen = torch.Generator().manual_seed(0)
+    out = head.sample(policy.backbone, prefix, num_samples=8, temperature=temperature, generator=gen)
+    assert out.shape == (2, 8, policy.config.chunk_size, policy.config.max_action_dim)
+    assert torch.isfinite(out).all() and len(decoded) == 1  # one draw, nothing re-sampled
+    codes, mask, valid = decoded[0]
+    lengths = torch.from_numpy(head.tokenizer.code_lengths())
+    assert bool(valid.all())
+    assert ((lengths[codes.clamp(max=len(lengths) - 1)] * mask).sum(1) == head.tokenizer.decoded_length).all()
+    # The same head without the budget: the rows do not decode (what the constraint is for).
+    head.cfg.constrain_length = False
+    decoded.clear()
+    with pytest.raises(RuntimeError, match="do not decode"):
+        head.sample(policy.backbone, prefix, num_samples=8, temperature=temperature, generator=gen)
+    assert not bool(decoded[0][2].all())
+
+
+def test_greedy_resamples_are_drawn_at_a_temperature(monkeypatch) -> None:
+    """A greedy re-draw would repeat the invalid row; re-samples after temperature 0 use
+    ``resample_temperature``."""
+    policy = _policy(HEADS["ar_uniform"])
+    head = policy.head
+    prefix = policy.encode(random_observation(policy, batch=1))
+    temps = []
+    real = head._sample_codes
+
+    def spy(backbone, prefix, n, temp, top_k, generator):
+        temps.append(temp)
+        return real(backbone, prefix, n, temp, top_k, generator)
+
+    calls = {"n": 0}
+    real_decode = head.tokenizer.decode
+
+    def first_fails(codes, mask=None):
+        acts, valid = real_decode(codes, mask)
+        calls["n"] += 1
+        return (np.full_like(acts, np.nan), np.zeros_like(valid)) if calls["n"] == 1 else (acts, valid)
+
+    monkeypatch.setattr(head, "_sample_codes", spy)
+    monkeypatch.setattr(head.tokenizer, "decode", first_fails)
+    head.cfg.resample_temperature = 0.7
+    out = head.sample(policy.backbone, prefix, temperature=0)
+    assert torch.isfinite(out).all() and temps == [0, 0.7]
+
+
 def test_config_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="fixed-length tokenizer"):
         _policy(DiscreteConfig(tokenizer=_tok("fast"), decoding="parallel"))
@@ -185,10 +249,9 @@ def test_save_reload_keeps_the_tokenizer(name: str, tmp_path: Path) -> None:
     assert (tmp_path / "ckpt" / "head" / "tokenizer").is_dir()
     again = VLAPolicy.from_pretrained(tmp_path / "ckpt")
     torch.testing.assert_close(again.loss(obs, actions, is_pad), loss_before)
-    if name != "ar_fast":  # an untrained FAST head rarely samples a decodable string
-        before = policy.sample_actions(obs, num_samples=2, generator=torch.Generator().manual_seed(0))
-        after = again.sample_actions(obs, num_samples=2, generator=torch.Generator().manual_seed(0))
-        torch.testing.assert_close(before, after)
+    before = policy.sample_actions(obs, num_samples=2, generator=torch.Generator().manual_seed(0))
+    after = again.sample_actions(obs, num_samples=2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(before, after)
 
 
 @pytest.mark.parametrize("head_args", [
