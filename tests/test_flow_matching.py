@@ -170,7 +170,7 @@ def test_euler_integration_recovers_a_known_flow() -> None:
     noise = torch.randn_like(target)
     head = policy.head
     # v(x_t, t) = (x_t - a*) / t is the exact conditional velocity toward a*.
-    head.velocity = lambda ctx, x, t, return_hidden=False: (
+    head.velocity = lambda ctx, x, t, return_hidden=False, rope=None: (
         ((x - target) / t[:, None, None]), torch.zeros(x.shape[0], x.shape[1], 1)) if return_hidden else (x - target) / t[:, None, None]
     out = head.sample(policy.backbone, policy.encode(obs), num_samples=1, noise=noise)
     assert torch.allclose(out[:, 0], target, atol=1e-5)

@@ -8,6 +8,7 @@ and the joint block-causal path therefore run exactly the same arithmetic.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +28,31 @@ class RMSNorm(nn.Module):
         return (x * self.weight.float()).to(dtype)
 
 
-def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+class RopeTable(NamedTuple):
+    """cos and sin (B, 1, T, D) fp32 of :func:`rope` for fixed positions: computed once, reused by every
+    layer (and by every Euler step of a flow head, whose action positions do not change)."""
+
+    cos: Tensor
+    sin: Tensor
+
+
+def rope_table(positions: Tensor, head_dim: int, theta: float) -> RopeTable:
+    """positions (B, T) -> the RoPE angles' cos/sin, (B, 1, T, head_dim) each."""
+    d = head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
+    ang = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    ang = torch.cat([ang, ang], dim=-1)[:, None]
+    return RopeTable(ang.cos(), ang.sin())
+
+
+def rope(x: Tensor, positions: Tensor | RopeTable, theta: float) -> Tensor:
     """Rotary position embedding (rotate-half layout, as in Llama/Gemma).
 
-    x: (B, heads, T, D) ; positions: (B, T) long -> (B, heads, T, D)
+    x: (B, heads, T, D) ; positions: (B, T) long, or a :class:`RopeTable` of them -> (B, heads, T, D)
     """
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    ang = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-    cos = torch.cat([ang.cos(), ang.cos()], dim=-1)[:, None].to(x.dtype)
-    sin = torch.cat([ang.sin(), ang.sin()], dim=-1)[:, None].to(x.dtype)
+    table = positions if isinstance(positions, RopeTable) else rope_table(positions, d, theta)
+    cos, sin = table.cos.to(x.dtype), table.sin.to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -133,8 +149,9 @@ class Block(nn.Module):
         # 2/3 keeps SwiGLU's parameter count equal to a GELU MLP of ratio `mlp_ratio`.
         self.mlp = SwiGLU(width, int(mlp_ratio * width * 2 / 3))
 
-    def qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (B, T, W), positions (B, T) -> q (B, H, T, D), k and v (B, KV, T, D), RoPE applied."""
+    def qkv(self, x: Tensor, positions: Tensor | RopeTable) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, T, W), positions (B, T) or their :class:`RopeTable` -> q (B, H, T, D), k and v
+        (B, KV, T, D), RoPE applied."""
         b, t, _ = x.shape
         h = self.norm1(x)
         q = self.q_proj(h).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
