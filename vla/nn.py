@@ -168,7 +168,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: Tensor,
-        positions: Tensor,
+        positions: Tensor | RopeTable,
         mask: Tensor,
         past: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from vla.backbones.base import Backbone, KVSpec, positions_from_mask
 from vla.backbones.tokenizers import PAD_ID, make_tokenizer, pad_batch
 from vla.config import BackboneConfig
-from vla.nn import Block, RMSNorm, prefix_attention_mask, sincos_2d
+from vla.nn import Block, RMSNorm, RopeTable, prefix_attention_mask, rope_table, sincos_2d
 from vla.types import Observation, Prefix
 
 EFFICIENTNET_LITE0 = "tf_efficientnet_lite0"
@@ -183,9 +183,15 @@ class TimmLMBackbone(Backbone):
         valid = torch.cat([img_valid, obs.prompt_mask.bool()], dim=1)
         return x, valid, positions_from_mask(valid).clamp(min=0)
 
+    def _rope(self, positions: Tensor) -> RopeTable:
+        """One RoPE table for all layers (the same positions in each); token heads call ``extend`` once per
+        generated token, so rebuilding it in every layer for q and k was a fixed cost of every pass."""
+        return rope_table(positions, self.kv_spec.head_dim, self.kv_spec.rope_theta)
+
     def _encode_prefix(self, obs: Observation) -> Prefix:
         x, valid, pos = self.embed_prefix(obs)
         mask = prefix_attention_mask(valid)
+        pos = self._rope(pos)
         kv = []
         for blk in self.blocks:
             x, (k, v) = blk(x, pos, mask)
@@ -199,7 +205,7 @@ class TimmLMBackbone(Backbone):
         if attn_mask.dim() == 2:
             attn_mask = attn_mask[None].expand(b, t, t)
         mask = torch.cat([prefix.mask[:, None, :].expand(b, t, -1), attn_mask.bool()], dim=2)
-        pos = prefix.positions[:, None] + torch.arange(t, device=embeds.device)[None]
+        pos = self._rope(prefix.positions[:, None] + torch.arange(t, device=embeds.device)[None])
         x, new_kv = embeds, []
         for blk, past in zip(self.blocks, prefix.kv):
             x, kv = blk(x, pos, mask, past=past)
