@@ -7,7 +7,7 @@ import torch
 from policies.flow_matching import FlowMatchingConfig
 from tests.helpers import random_observation, tiny_policy_config
 from vla.backbones.timm_lm import TimmLMConfig
-from vla.nn import attend, attend_shared_prefix
+from vla.nn import attend, attend_shared_prefix, rope, rope_table
 from vla.policy import VLAPolicy
 
 
@@ -112,6 +112,21 @@ def test_sampling_is_seeded_and_repeat_consistent() -> None:
     full = policy.head.sample(policy.backbone, policy.encode(obs), num_samples=4, noise=noise)
     one = policy.head.sample(policy.backbone, policy.encode(_take(obs, 1)), num_samples=4, noise=noise[4:])
     assert torch.allclose(full[1], one[0], atol=1e-5)
+
+
+def test_rope_rotates_pairs_by_position_times_frequency() -> None:
+    """RoPE (rotate-half layout) against a complex-number reference: dims i and i + D/2 form the pair
+    rotated by angle pos * theta^(-2i/D); a precomputed table gives the same result as positions."""
+    torch.manual_seed(0)
+    b, h, t, d, theta = 2, 3, 5, 8, 100.0
+    x = torch.randn(b, h, t, d, dtype=torch.float64)
+    pos = torch.tensor([[0, 1, 2, 7, 9], [3, 3, 4, 5, 100]])
+    freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    z = torch.complex(x[..., : d // 2], x[..., d // 2:]) * torch.polar(torch.ones((), dtype=torch.float64), pos[:, None, :, None] * freq)
+    ref = torch.cat([z.real, z.imag], -1)
+    assert torch.allclose(rope(x, pos, theta), ref, atol=1e-6)  # tables are fp32
+    table = rope_table(pos, d, theta)
+    assert torch.equal(rope(x, table, theta), rope(x, pos, theta))
 
 
 def test_shared_prefix_attention_equals_repeated_prefix() -> None:
