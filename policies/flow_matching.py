@@ -133,8 +133,8 @@ class FlowMatchingHead(ActionHead):
 
     def action_rope(self, ctx: Prefix, n: int) -> RopeTable:
         """RoPE table of the H action tokens that follow ``ctx`` for n candidates per row. The positions
-        do not change between Euler steps, so ``sample`` computes it once (≈4% of an N=16 chunk on CPU
-        when every layer and step rebuilt it)."""
+        do not change between Euler steps, so ``sample`` computes it once (rebuilding it in every layer and
+        step cost 14% of a one-candidate CPU-default chunk and 9% at N=16; benchmarks/RESULTS.md)."""
         pos = ctx.positions.repeat_interleave(n)[:, None] + torch.arange(self.chunk_size, device=ctx.mask.device)[None]
         return rope_table(pos, self.blocks[0].head_dim, self.blocks[0].rope_theta)
 
