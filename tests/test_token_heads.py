@@ -33,6 +33,8 @@ HEADS = {
     "ar_fast": DiscreteConfig(tokenizer=_tok("fast")),
     "parallel_uniform": DiscreteConfig(tokenizer=_tok("uniform"), decoding="parallel"),
     "coarse_to_fine": CoarseToFineConfig.tiny(),
+    # A repeated scale = a second residual level at that resolution (the finer MetaWorld tokenizer).
+    "coarse_to_fine_repeated": CoarseToFineConfig(tokenizer=_tok("msvq", scales=[1, 2, 2])),
 }
 
 
@@ -52,7 +54,7 @@ def test_cached_decoding_matches_teacher_forcing(name: str) -> None:
     head = policy.head
     obs = random_observation(policy, batch=2)
     prefix = policy.encode(obs)
-    if name == "coarse_to_fine":  # record the greedy codes scale by scale as the sampler picks them
+    if name.startswith("coarse_to_fine"):  # record the greedy codes scale by scale as the sampler picks them
         recorded = []
         orig_pick = head.pick
 
@@ -104,7 +106,7 @@ def test_coarse_to_fine_mask_is_block_causal_by_scale() -> None:
     assert not torch.allclose(a[:, 3:], b[:, 3:])
 
 
-@pytest.mark.parametrize("name", ["ar_uniform", "ar_fast", "coarse_to_fine"])
+@pytest.mark.parametrize("name", ["ar_uniform", "ar_fast", "coarse_to_fine", "coarse_to_fine_repeated"])
 def test_per_step_loss_is_exact_sequence_nll(name: str) -> None:
     policy = _policy(HEADS[name])
     head = policy.head
@@ -113,7 +115,7 @@ def test_per_step_loss_is_exact_sequence_nll(name: str) -> None:
     actions = torch.randn(3, policy.config.chunk_size, policy.config.max_action_dim)
     is_pad = torch.zeros(3, policy.config.chunk_size, dtype=torch.bool)
     per_step = head.loss(policy.backbone, prefix, actions, is_pad)
-    if name == "coarse_to_fine":
+    if name.startswith("coarse_to_fine"):
         codes, mask = head.encode_actions(actions, None)
     else:
         codes, mask = head.targets(actions, prefix)
