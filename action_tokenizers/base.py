@@ -172,17 +172,12 @@ class ActionTokenizer:
         Heads mask their logits with it so that sampling cannot produce an undecodable row."""
         return None
 
-    def code_lengths(self) -> np.ndarray | None:
-        """(vocab_size,) int: how many of the ``decoded_length`` units each id decodes to, for
-        variable-length tokenizers whose rows decode only at an exact total (FAST: characters = DCT
-        coefficients, total ``H * A``). Heads use it to constrain decoding so that every sampled row
-        decodes. None = no such constraint (fixed-length tokenizers)."""
+    def length_constraint(self) -> tuple[np.ndarray, int] | None:
+        """For variable-length tokenizers whose rows decode only at an exact total: ``(lengths, total)``,
+        how many units each id (``(vocab_size,)`` int) decodes to and the total a decodable row adds up to
+        (FAST: characters = DCT coefficients, total ``H * A``). Heads use it to constrain decoding so that
+        every sampled row decodes. None = no such constraint (fixed-length tokenizers)."""
         return None
-
-    @property
-    def decoded_length(self) -> int:
-        """The exact total of :meth:`code_lengths` a decodable row adds up to."""
-        raise NotImplementedError(f"{type(self).__name__} has no length constraint")
 
     def _require_fitted(self, what: str) -> None:
         if not self.is_fitted:

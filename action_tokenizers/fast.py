@@ -18,7 +18,7 @@ characters) instead of U+0000. Integers outside the fitted range are clipped to 
 
 Decoding is exact up to step 2's rounding: BPE is lossless. A code sequence is invalid (``valid=False``)
 when an id is outside the vocabulary, or the decoded string is not exactly ``H * A`` characters of the
-alphabet — an unconstrained autoregressive head can sample such sequences. :meth:`code_lengths`
+alphabet — an unconstrained autoregressive head can sample such sequences. :meth:`length_constraint`
 gives each id's character count, so the discrete head can constrain decoding to rows of exactly
 ``H * A`` characters (every BPE string is in the alphabet, so such rows always decode).
 """
@@ -85,14 +85,10 @@ class FastTokenizer(ActionTokenizer):
         self._require_fitted("vocab_size")  # the trained BPE may hold fewer tokens than asked
         return len(self._id_to_str)
 
-    def code_lengths(self) -> np.ndarray:
-        """(vocab_size,) characters (= DCT coefficients) each BPE id stands for."""
-        self._require_fitted("code_lengths")
-        return np.array([len(t) for t in self._id_to_str], dtype=np.int64)
-
-    @property
-    def decoded_length(self) -> int:
-        return self.horizon * self.action_dim
+    def length_constraint(self) -> tuple[np.ndarray, int]:
+        """The characters (= DCT coefficients) each BPE id stands for, and the H * A a row needs."""
+        self._require_fitted("length_constraint")
+        return np.array([len(t) for t in self._id_to_str], dtype=np.int64), self.horizon * self.action_dim
 
     # --- fit ------------------------------------------------------------------------------------
     def _fit(self, x: np.ndarray) -> None:

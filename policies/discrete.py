@@ -173,12 +173,11 @@ class DiscreteHead(TokenHead):
         """The per-row budget that keeps variable-length sampling decodable (None when not needed)."""
         if not (self.variable and self.cfg.constrain_length):
             return None
-        tok = self._require_tokenizer()
-        lengths = tok.code_lengths()
-        if lengths is None:
+        constraint = self._require_tokenizer().length_constraint()
+        if constraint is None:
             return None
-        return _LengthBudget(torch.from_numpy(lengths), tok.decoded_length, self.code_out.out_features,
-                             self.eos, rows, device)
+        lengths, total = constraint
+        return _LengthBudget(torch.from_numpy(lengths), total, self.code_out.out_features, self.eos, rows, device)
 
     def _sample_codes(self, backbone, prefix, n, temp, top_k, generator):
         """-> codes (B*n, L), mask (B*n, L), features (B*n, L, hidden)."""
@@ -199,9 +198,8 @@ class DiscreteHead(TokenHead):
         done = torch.zeros(h.shape[0], dtype=torch.bool, device=dev)
         fits = self._length_constraint(h.shape[0], dev)
         for i in range(length):
-            logits = self.code_out(h).masked_fill(~allowed[i], float("-inf"))
-            if fits is not None:
-                logits = logits.masked_fill(~fits(), float("-inf"))
+            ok = allowed[i] if fits is None else allowed[i] & fits()
+            logits = self.code_out(h).masked_fill(~ok, float("-inf"))
             c = self.pick(logits, temp, top_k, generator)
             if self.variable:
                 c = torch.where(done, torch.full_like(c, self.eos), c)

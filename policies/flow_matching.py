@@ -94,7 +94,7 @@ class FlowMatchingHead(ActionHead):
         if not shared:
             mask = torch.cat([ctx.mask[:, None, :].expand(b, t, -1), self_mask[None].expand(b, t, t)], dim=2)
         if not isinstance(positions, RopeTable):  # one table for every layer (they share the geometry)
-            positions = rope_table(positions, self.blocks[0].head_dim, self.blocks[0].rope_theta)
+            positions = self._rope_table(positions)
         new_kv = []
         for blk, (pk, pv) in zip(self.blocks, ctx.kv):
             q, k, v = blk.qkv(x, positions)
@@ -136,7 +136,11 @@ class FlowMatchingHead(ActionHead):
         do not change between Euler steps, so ``sample`` computes it once (rebuilding it in every layer and
         step cost 14% of a one-candidate CPU-default chunk and 9% at N=16; benchmarks/RESULTS.md)."""
         pos = ctx.positions.repeat_interleave(n)[:, None] + torch.arange(self.chunk_size, device=ctx.mask.device)[None]
-        return rope_table(pos, self.blocks[0].head_dim, self.blocks[0].rope_theta)
+        return self._rope_table(pos)
+
+    def _rope_table(self, positions: Tensor) -> RopeTable:
+        """positions (B, T) -> the expert's RoPE table (every block has the backbone's head_dim and theta)."""
+        return rope_table(positions, self.blocks[0].head_dim, self.blocks[0].rope_theta)
 
     def velocity(self, ctx: Prefix, x_t: Tensor, t: Tensor, return_hidden: bool = False,
                  rope: RopeTable | None = None):

@@ -190,9 +190,10 @@ def test_fast_decoding_is_constrained_to_decodable_rows(temperature: float, monk
     assert out.shape == (2, 8, policy.config.chunk_size, policy.config.max_action_dim)
     assert torch.isfinite(out).all() and len(decoded) == 1  # one draw, nothing re-sampled
     codes, mask, valid = decoded[0]
-    lengths = torch.from_numpy(head.tokenizer.code_lengths())
+    lengths, total = head.tokenizer.length_constraint()
+    lengths = torch.from_numpy(lengths)
     assert bool(valid.all())
-    assert ((lengths[codes.clamp(max=len(lengths) - 1)] * mask).sum(1) == head.tokenizer.decoded_length).all()
+    assert ((lengths[codes.clamp(max=len(lengths) - 1)] * mask).sum(1) == total).all()
     # The same head without the budget: the rows do not decode (what the constraint is for).
     head.cfg.constrain_length = False
     decoded.clear()
