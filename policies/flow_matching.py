@@ -19,6 +19,7 @@ dx/dt = v from t = 1 (noise) to t = 0 with ``num_steps`` Euler steps.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,15 @@ class FlowMatchingConfig(HeadConfig):
         return FlowMatchingHead(self, backbone, policy.chunk_size, policy.max_action_dim, policy.max_state_dim)
 
 
+class CandidateContext(NamedTuple):
+    """What every Euler step of one chunk reads, prepared once (``FlowMatchingHead.candidate_context``)."""
+
+    ctx: Prefix  # the prefix cache plus the state token, B rows
+    n: int  # candidates per row
+    rope: RopeTable  # the action tokens' table: (B, 1, H, D) for N = 1, (B, 1, N*H, D) otherwise
+    prefix_mask: Tensor | None = None  # N > 1: (B, P) visible context tokens, None when all are
+
+
 class FlowMatchingHead(ActionHead):
     def __init__(self, cfg: FlowMatchingConfig, backbone: Backbone, chunk_size: int, action_dim: int, state_dim: int):
         super().__init__()
@@ -78,33 +88,53 @@ class FlowMatchingHead(ActionHead):
     def run_expert(
         self, x: Tensor, positions: Tensor | RopeTable, ctx: Prefix, self_mask: Tensor
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Run suffix tokens x (B, T, W) through the expert, layer l attending to ``ctx.kv[l]``.
+        """Run suffix tokens x (B, T, W) through the expert, layer l attending to ``ctx.kv[l]`` (one row of x
+        per context row; N candidates per row go through ``run_candidates``).
 
-        positions: (B, T), or their RoPE table (``action_rope``). self_mask: (T, T) bool among the new
-        tokens. Returns normed output and new per-layer (k, v).
+        positions: (B, T), or their RoPE table. self_mask: (T, T) bool among the new tokens. Returns
+        normed output and new per-layer (k, v).
         """
         b, t, _ = x.shape
-        shared = b != ctx.batch_size  # N candidates per observation on one (un-repeated) context
-        if shared and b % ctx.batch_size:
-            raise ValueError(f"flow_matching: {b} suffix rows do not split into the context's {ctx.batch_size} rows")
-        if shared and torch.is_autocast_enabled(x.device.type):
-            # Under bf16 autocast SDPA over N copies of the context is faster on CPU than the fp32 cascade
-            # (measured side by side: python -m benchmarks.latency --bf16 --compare-repeated).
-            ctx, shared = ctx.repeat(b // ctx.batch_size), False
-        if not shared:
-            mask = torch.cat([ctx.mask[:, None, :].expand(b, t, -1), self_mask[None].expand(b, t, t)], dim=2)
+        if b != ctx.batch_size:
+            raise ValueError(f"flow_matching: {b} suffix rows for a context of {ctx.batch_size} rows")
+        mask = torch.cat([ctx.mask[:, None, :].expand(b, t, -1), self_mask[None].expand(b, t, t)], dim=2)
         if not isinstance(positions, RopeTable):  # one table for every layer (they share the geometry)
             positions = self._rope_table(positions)
         new_kv = []
         for blk, (pk, pv) in zip(self.blocks, ctx.kv):
             q, k, v = blk.qkv(x, positions)
-            if shared:
-                out = attend_shared_prefix(q, pk, pv, ctx.mask, k, v, self_mask)
-            else:
-                out = attend(q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), mask)
-            x = blk.finish(x, out)
+            x = blk.finish(x, attend(q, torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2), mask))
             new_kv.append((k, v))
         return self.norm(x), new_kv
+
+    def candidate_context(self, ctx: Prefix, n: int) -> CandidateContext:
+        """Prepare, once per chunk, how N candidate chunks per context row read ``ctx`` in every Euler step:
+        their RoPE table and whether any context token is masked (cascade attention skips the fill if not)."""
+        pos = ctx.positions[:, None] + torch.arange(self.chunk_size, device=ctx.mask.device)[None]  # (B, H)
+        if n == 1:
+            return CandidateContext(ctx, 1, self._rope_table(pos))
+        visible = None if bool(ctx.mask.all()) else ctx.mask
+        return CandidateContext(ctx, n, self._rope_table(pos.repeat(1, n)), prefix_mask=visible)
+
+    def run_candidates(self, x: Tensor, cc: CandidateContext) -> Tensor:
+        """Action tokens x (B*N, H, W), candidate-major, through the expert -> normed output (B*N, H, W).
+
+        N > 1: the candidates of a context row run as ONE sequence of N*H tokens (a free view) with cascade
+        attention (``attend_shared_prefix``): the context is neither copied nor concatenated. Side by side
+        on the MetaWorld policy (1 thread, N=16) this beat N copies of the context written once per chunk
+        into per-candidate buffers and attended by SDPA: fp32 64.6 vs 69.3 ms, bf16 60.6 vs 62.0 ms.
+        """
+        b, n, h = cc.ctx.batch_size, cc.n, self.chunk_size
+        if x.shape[0] != b * n or x.shape[1] != h:
+            raise ValueError(f"flow_matching: expected {b * n} x {h} action tokens for {b} context rows x {n} "
+                             f"candidates, got {tuple(x.shape[:2])}")
+        if n == 1:
+            return self.run_expert(x, cc.rope, cc.ctx, torch.ones(h, h, dtype=torch.bool, device=x.device))[0]
+        x = x.reshape(b, n * h, -1)  # a free view: the candidates of a row end to end
+        for blk, (pk, pv) in zip(self.blocks, cc.ctx.kv):
+            q, k, v = blk.qkv(x, cc.rope)
+            x = blk.finish(x, attend_shared_prefix(q, pk, pv, cc.prefix_mask, k, v, n))
+        return self.norm(x).reshape(b * n, h, -1)
 
     def embed_state(self, prefix: Prefix) -> Tensor:
         """-> (B, 1, W) the state token's input embedding."""
@@ -115,8 +145,10 @@ class FlowMatchingHead(ActionHead):
         """x_t (B, H, A), t (B,) -> (B, H, W) action-token input embeddings."""
         a = self.action_in(x_t.to(self.action_in.weight.dtype))
         te = sincos_embedding(t, self.cfg.width, self.cfg.min_period, self.cfg.max_period).to(a.dtype)
-        h = torch.cat([a, te[:, None].expand_as(a)], dim=-1)
-        return self.time_mlp_out(F.silu(self.time_mlp_in(h)))
+        # time_mlp_in([a, te]) without concatenating: the time half is one row per chunk, not per token.
+        w_a, w_t = self.time_mlp_in.weight.split(self.cfg.width, dim=1)
+        h = F.linear(a, w_a) + F.linear(te, w_t, self.time_mlp_in.bias)[:, None]
+        return self.time_mlp_out(F.silu(h))
 
     def with_state(self, prefix: Prefix) -> Prefix:
         """Append the state token's per-layer keys/values to the prefix cache (computed once)."""
@@ -131,28 +163,19 @@ class FlowMatchingHead(ActionHead):
             extras=prefix.extras,
         )
 
-    def action_rope(self, ctx: Prefix, n: int) -> RopeTable:
-        """RoPE table of the H action tokens that follow ``ctx`` for n candidates per row. The positions
-        do not change between Euler steps, so ``sample`` computes it once (rebuilding it in every layer and
-        step cost 14% of a one-candidate CPU-default chunk and 9% at N=16; benchmarks/RESULTS.md)."""
-        pos = ctx.positions.repeat_interleave(n)[:, None] + torch.arange(self.chunk_size, device=ctx.mask.device)[None]
-        return self._rope_table(pos)
-
     def _rope_table(self, positions: Tensor) -> RopeTable:
         """positions (B, T) -> the expert's RoPE table (every block has the backbone's head_dim and theta)."""
         return rope_table(positions, self.blocks[0].head_dim, self.blocks[0].rope_theta)
 
     def velocity(self, ctx: Prefix, x_t: Tensor, t: Tensor, return_hidden: bool = False,
-                 rope: RopeTable | None = None):
+                 candidates: CandidateContext | None = None):
         """ctx = ``with_state(prefix)``; x_t (B, H, A), t (B,) -> v (B, H, A) [, hidden (B, H, W)].
 
-        x_t may hold N candidates per context row, (B*N, H, A) candidate-major: the context is then
-        shared, not repeated (``attend_shared_prefix``). ``rope``: ``action_rope(ctx, N)`` if precomputed."""
-        h, n = self.chunk_size, x_t.shape[0] // ctx.batch_size  # n > 1: candidates sharing ctx
-        if rope is None:
-            rope = self.action_rope(ctx, n)
-        full = torch.ones(h, h, dtype=torch.bool, device=x_t.device)
-        out, _ = self.run_expert(self.embed_actions(x_t, t), rope, ctx, full)
+        x_t may hold N candidates per context row, (B*N, H, A) candidate-major: they then share the
+        context (``candidate_context``; pass it as ``candidates`` to prepare it once per chunk)."""
+        if candidates is None:
+            candidates = self.candidate_context(ctx, x_t.shape[0] // ctx.batch_size)
+        out = self.run_candidates(self.embed_actions(x_t, t), candidates)
         v = self.action_out(out)
         return (v, out) if return_hidden else v
 
@@ -225,13 +248,13 @@ class FlowMatchingHead(ActionHead):
         steps = self.cfg.num_steps
         dt = -1.0 / steps
         hidden = None
-        rope = self.action_rope(ctx, n)
+        cc = self.candidate_context(ctx, n)  # once per chunk
         for i in range(steps):
             t = torch.full((b * n,), 1.0 + i * dt, device=dev)
             if guide is None:
-                v, hidden = self.velocity(ctx, x, t, return_hidden=True, rope=rope)
+                v, hidden = self.velocity(ctx, x, t, return_hidden=True, candidates=cc)
             else:
-                v, hidden = guided_velocity(lambda xg: self.velocity(ctx, xg, t, return_hidden=True, rope=rope),
+                v, hidden = guided_velocity(lambda xg: self.velocity(ctx, xg, t, return_hidden=True, candidates=cc),
                                             x, 1.0 + i * dt, guide)
             x = x + dt * v.float()
         x = x.view(b, n, h, a)

@@ -3,11 +3,12 @@ transformers), sampling reuses the prefix, and time/noise handling is what pi0 d
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from policies.flow_matching import FlowMatchingConfig
 from tests.helpers import random_observation, tiny_policy_config
 from vla.backbones.timm_lm import TimmLMConfig
-from vla.nn import attend, attend_shared_prefix, rope, rope_table
+from vla.nn import attend, attend_shared_prefix, rope, rope_table, sincos_embedding
 from vla.policy import VLAPolicy
 
 
@@ -133,36 +134,46 @@ def test_shared_prefix_attention_equals_repeated_prefix() -> None:
     """Cascade attention over one un-repeated prefix == plain attention over the prefix repeated N times."""
     torch.manual_seed(0)
     b, n, h, kvh, t, p, d = 2, 3, 4, 2, 5, 7, 8
-    q = torch.randn(b * n, h, t, d, dtype=torch.float64)
+    q = torch.randn(b * n, h, t, d, dtype=torch.float64)  # candidate-major rows, as the reference reads them
     pk, pv = torch.randn(2, b, kvh, p, d, dtype=torch.float64)
     k, v = torch.randn(2, b * n, kvh, t, d, dtype=torch.float64)
     pmask = torch.ones(b, p, dtype=torch.bool)
     pmask[1, 4:] = False  # padded prefix tokens of the second observation
     self_mask = torch.ones(t, t, dtype=torch.bool).tril()  # not symmetric: catches a transposed layout
-    got = attend_shared_prefix(q, pk, pv, pmask, k, v, self_mask)
+    # attend_shared_prefix reads the N candidates of a row end to end: (B, heads, N*T, D).
+    joined = lambda x: x.view(b, n, *x.shape[1:]).transpose(1, 2).reshape(b, x.shape[1], n * t, d)  # noqa: E731
+    split = lambda x: x.view(b, h, n, t, d).transpose(1, 2).reshape(b * n, h, t, d)  # noqa: E731
+    got = split(attend_shared_prefix(joined(q), pk, pv, pmask, joined(k), joined(v), n, self_mask))
     rep = lambda x: x.repeat_interleave(n, dim=0)  # noqa: E731
     mask = torch.cat([rep(pmask)[:, None].expand(-1, t, -1), self_mask[None].expand(b * n, t, t)], dim=2)
     ref = attend(q, torch.cat([rep(pk), k], 2), torch.cat([rep(pv), v], 2), mask)
     assert torch.allclose(got, ref, atol=1e-10), (got - ref).abs().max()
+    full = torch.cat([rep(pmask)[:, None].expand(-1, t, -1), torch.ones(b * n, t, t, dtype=torch.bool)], dim=2)
+    ref_full = attend(q, torch.cat([rep(pk), k], 2), torch.cat([rep(pv), v], 2), full)
+    got_full = split(attend_shared_prefix(joined(q), pk, pv, pmask, joined(k), joined(v), n))  # no self mask
+    assert torch.allclose(got_full, ref_full, atol=1e-10)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 inputs: fp32 softmax, bf16 result
-        low = attend_shared_prefix(*(t.bfloat16() for t in (q, pk, pv)), pmask, k.bfloat16(), v.bfloat16(), self_mask)
-    assert low.dtype == torch.bfloat16 and torch.allclose(low.double(), ref, atol=3e-2)
+        low = attend_shared_prefix(*(joined(x).bfloat16() for x in (q,)), pk.bfloat16(), pv.bfloat16(), pmask,
+                                   joined(k).bfloat16(), joined(v).bfloat16(), n, self_mask)
+    assert low.dtype == torch.bfloat16 and torch.allclose(split(low).double(), ref, atol=3e-2)
 
 
 def test_candidates_on_a_shared_context_equal_a_repeated_context() -> None:
-    """head.sample shares the context across N candidates; the result equals a repeated context."""
+    """head.sample shares the context across N candidates (cascade attention on one copy); the result
+    equals N copies of the context run one row each."""
     policy = _policy().float().eval()
     obs = random_observation(policy, batch=2)
-    obs.image_masks["cam1"][1] = False
+    obs.image_masks["cam1"][1] = False  # a masked context token in one row only
     prefix = policy.encode(obs)
     noise = torch.randn(2 * 5, policy.config.chunk_size, policy.config.max_action_dim)
     shared = policy.head.sample(policy.backbone, prefix, num_samples=5, noise=noise)
-    ctx = policy.head.with_state(prefix).repeat(5)  # the old path: N copies of the cache, one row each
+    ctx = policy.head.with_state(prefix).repeat(5)  # the reference: N copies of the cache, one row each
     x = noise.clone()
     for i in range(policy.head.cfg.num_steps):
         t = torch.full((10,), 1.0 - i / policy.head.cfg.num_steps)
         x = x - policy.head.velocity(ctx, x, t) / policy.head.cfg.num_steps
     assert torch.allclose(shared, x.view(2, 5, *x.shape[1:]), atol=1e-5)
+    assert policy.head.candidate_context(policy.head.with_state(prefix), 5).prefix_mask is not None
 
 
 def test_time_distribution_is_beta_1p5_1() -> None:
@@ -185,7 +196,7 @@ def test_euler_integration_recovers_a_known_flow() -> None:
     noise = torch.randn_like(target)
     head = policy.head
     # v(x_t, t) = (x_t - a*) / t is the exact conditional velocity toward a*.
-    head.velocity = lambda ctx, x, t, return_hidden=False, rope=None: (
+    head.velocity = lambda ctx, x, t, return_hidden=False, candidates=None: (
         ((x - target) / t[:, None, None]), torch.zeros(x.shape[0], x.shape[1], 1)) if return_hidden else (x - target) / t[:, None, None]
     out = head.sample(policy.backbone, policy.encode(obs), num_samples=1, noise=noise)
     assert torch.allclose(out[:, 0], target, atol=1e-5)
@@ -206,3 +217,14 @@ def _take(obs, i):
     return Observation(images={k: v[s] for k, v in obs.images.items()},
                        image_masks={k: v[s] for k, v in obs.image_masks.items()}, state=obs.state[s],
                        prompt_ids=obs.prompt_ids[s], prompt_mask=obs.prompt_mask[s], state_mask=obs.state_mask[s])
+
+
+def test_action_time_embedding_matches_pi0_concatenation() -> None:
+    """embed_actions splits time_mlp_in instead of concatenating [action, time] per token; the weights keep
+    pi0's layout (action half first), so checkpoints and the reference computation agree."""
+    head = _policy().float().head
+    x, t = torch.randn(3, head.chunk_size, head.action_dim), torch.rand(3)
+    a = head.action_in(x)
+    te = sincos_embedding(t, head.cfg.width, head.cfg.min_period, head.cfg.max_period)
+    ref = head.time_mlp_out(F.silu(head.time_mlp_in(torch.cat([a, te[:, None].expand_as(a)], -1))))
+    assert torch.allclose(head.embed_actions(x, t), ref, atol=1e-6)

@@ -71,41 +71,45 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 
 def attend_shared_prefix(
-    q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_mask: Tensor, k: Tensor, v: Tensor, self_mask: Tensor
+    q: Tensor, prefix_k: Tensor, prefix_v: Tensor, prefix_mask: Tensor | None, k: Tensor, v: Tensor,
+    num_candidates: int, self_mask: Tensor | None = None,
 ) -> Tensor:
     """Attention of N candidates' tokens to ONE shared prefix and to their own tokens (cascade attention).
 
-    q: (B*N, H, T, D) candidate queries (candidate-major within an observation) ; prefix_k, prefix_v:
-    (B, KV, P, D) ; prefix_mask: (B, P) bool ; k, v: (B*N, KV, T, D) the candidates' own keys/values ;
-    self_mask: (T, T) bool among a candidate's tokens -> (B*N, H, T, D).
+    The N candidates of an observation are laid end to end as one sequence of N*T tokens
+    (candidate-major), so every product below is a plain batched matmul on free views — no permute
+    copies. q: (B, H, N*T, D) ; prefix_k, prefix_v: (B, KV, P, D) ; prefix_mask: (B, P) bool or None
+    (all visible) ; k, v: (B, KV, N*T, D) the candidates' own keys/values ; self_mask: (T, T) bool among
+    one candidate's tokens or None (all visible) -> (B, H, N*T, D).
 
     Equal to ``attend`` over the prefix repeated N times, but the prefix's keys/values are neither
-    copied nor concatenated: the N*T queries of an observation meet its P prefix keys in one matmul,
-    and one softmax runs over [prefix scores, own scores]. Test-time selection samples N=16 chunks on
-    one prefix, so this keeps the per-step cost growing with N*T, not with N*(P+T) memory traffic.
+    copied nor concatenated: the N*T queries of an observation meet its P prefix keys in one matmul, a
+    candidate meets only its own T keys (block-diagonal, one small matmul per candidate in one batch),
+    and one softmax runs over [prefix scores, own scores].
     """
-    bn, h, t, d = q.shape
-    b, kvh, p, _ = prefix_k.shape
-    n, g = bn // b, h // kvh
-    if bn != b * n or h != g * kvh:
-        raise ValueError(f"attend_shared_prefix: {bn} query rows are not a multiple of {b} prefixes, or {h} heads "
-                         f"not a multiple of {kvh} kv heads")
-    scale = d ** -0.5
+    b, h, nt, d = q.shape
+    kvh, p, n = prefix_k.shape[1], prefix_k.shape[2], num_candidates
+    t, g = nt // max(n, 1), h // kvh
+    if nt != n * t or h != g * kvh or k.shape[2] != nt:
+        raise ValueError(f"attend_shared_prefix: {nt} query tokens are not {n} candidates of equal length with "
+                         f"{k.shape[2]} own keys, or {h} heads not a multiple of {kvh} kv heads")
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 even for bf16 inputs (fp64 for fp64)
-    # Query head i uses kv head i // g (as repeat_interleave in `attend`): group the g query heads, the
-    # N candidates and the T tokens of an observation into the rows of one matrix per kv head.
-    rows = q.view(b, n, kvh, g, t, d).permute(0, 2, 3, 1, 4, 5).reshape(b, kvh, g * n * t, d)
-    s_prefix = (rows @ prefix_k.transpose(-1, -2)) * scale  # (B, KV, G*N*T, P)
-    s_prefix = s_prefix.to(acc).masked_fill(~prefix_mask[:, None, None, :], float("-inf"))
-    s_self = (q.reshape(bn, kvh, g * t, d) @ k.transpose(-1, -2)) * scale  # (B*N, KV, G*T, T)
-    s_self = s_self.to(acc).masked_fill(~self_mask.repeat(g, 1)[None, None], float("-inf"))
-    s_self = s_self.view(b, n, kvh, g, t, t).permute(0, 2, 3, 1, 4, 5).reshape(b, kvh, g * n * t, t)
-    probs = torch.cat([s_prefix, s_self], dim=-1).softmax(-1).to(v.dtype)
+    q = q * d ** -0.5  # scaled once, on the smaller side of both score matmuls
+    # Query head i uses kv head i // g (as repeat_interleave in `attend`): the g heads of a group, the N
+    # candidates and the T tokens are the rows of one matrix per kv head — a free view of q.
+    rows = q.reshape(b, kvh, g * nt, d)
+    s_prefix = (rows @ prefix_k.transpose(-1, -2)).to(acc)  # (B, KV, G*N*T, P)
+    if prefix_mask is not None:
+        s_prefix = s_prefix.masked_fill(~prefix_mask[:, None, None, :], float("-inf"))
+    blocks = q.reshape(b, kvh, g, n, t, d)
+    s_self = (blocks @ k.reshape(b, kvh, 1, n, t, d).transpose(-1, -2)).to(acc)  # (B, KV, G, N, T, T)
+    if self_mask is not None:
+        s_self = s_self.masked_fill(~self_mask, float("-inf"))
+    probs = torch.cat([s_prefix, s_self.reshape(b, kvh, g * nt, t)], dim=-1).softmax(-1).to(v.dtype)
     p_prefix, p_self = probs.split([p, t], dim=-1)
-    out_prefix = p_prefix @ prefix_v  # (B, KV, G*N*T, D)
-    p_self = p_self.view(b, kvh, g, n, t, t).permute(0, 3, 1, 2, 4, 5).reshape(bn, kvh, g * t, t)
-    out = out_prefix.view(b, kvh, g, n, t, d).permute(0, 3, 1, 2, 4, 5).reshape(bn, kvh, g * t, d) + p_self @ v
-    return out.view(bn, h, t, d)
+    out = p_prefix @ prefix_v  # (B, KV, G*N*T, D)
+    out_self = p_self.reshape(b, kvh, g, n, t, t) @ v.reshape(b, kvh, 1, n, t, d)  # (B, KV, G, N, T, D)
+    return (out.view(b, kvh, g, n, t, d) + out_self).view(b, h, nt, d)
 
 
 class SwiGLU(nn.Module):
