@@ -29,20 +29,23 @@ class RMSNorm(nn.Module):
 
 
 class RopeTable(NamedTuple):
-    """cos and sin (B, 1, T, D) fp32 of :func:`rope` for fixed positions: computed once, reused by every
-    layer (and by every Euler step of a flow head, whose action positions do not change)."""
+    """cos and sign-folded sin (B, 1, T, D) fp32 of :func:`rope` for fixed positions: computed once, reused by
+    every layer (and by every Euler step of a flow head, whose action positions do not change).
+
+    ``sin`` has its first half negated, so that rotate-half is a swap of the halves and the rotation is
+    one fused multiply-add (``rope``): 3 elementwise kernels per call instead of 6."""
 
     cos: Tensor
     sin: Tensor
 
 
 def rope_table(positions: Tensor, head_dim: int, theta: float) -> RopeTable:
-    """positions (B, T) -> the RoPE angles' cos/sin, (B, 1, T, head_dim) each."""
+    """positions (B, T) -> the RoPE angles' cos / sign-folded sin, (B, 1, T, head_dim) each."""
     d = head_dim
     inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
     ang = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-    ang = torch.cat([ang, ang], dim=-1)[:, None]
-    return RopeTable(ang.cos(), ang.sin())
+    return RopeTable(torch.cat([ang.cos(), ang.cos()], dim=-1)[:, None],
+                     torch.cat([-ang.sin(), ang.sin()], dim=-1)[:, None])
 
 
 def rope(x: Tensor, positions: Tensor | RopeTable, theta: float) -> Tensor:
@@ -53,8 +56,11 @@ def rope(x: Tensor, positions: Tensor | RopeTable, theta: float) -> Tensor:
     d = x.shape[-1]
     table = positions if isinstance(positions, RopeTable) else rope_table(positions, d, theta)
     cos, sin = table.cos.to(x.dtype), table.sin.to(x.dtype)
-    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    # x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] and the sign folded into sin. Built
+    # from the concatenation, so the result is contiguous (B, heads, T, D) even when x is a transposed
+    # projection: the matmuls that read it (cascade attention) then need no copies.
+    out = torch.cat([x[..., d // 2:], x[..., : d // 2]], dim=-1) * sin
+    return out.addcmul_(x, cos)
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
