@@ -248,7 +248,7 @@ class FlowMatchingHead(ActionHead):
         steps = self.cfg.num_steps
         dt = -1.0 / steps
         hidden = None
-        cc = self.candidate_context(ctx, n)  # once per chunk
+        cc = self.candidate_context(ctx, b * n // ctx.batch_size)  # once per chunk (ctx may be pre-repeated)
         for i in range(steps):
             t = torch.full((b * n,), 1.0 + i * dt, device=dev)
             if guide is None:
