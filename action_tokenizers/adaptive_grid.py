@@ -177,6 +177,18 @@ class AdaptiveGridTokenizer(ActionTokenizer):
             out[..., list(self.config.spherical_dims)] = self.sphere.decode(c[..., 0])
         return out, valid
 
+    def code_values(self) -> np.ndarray | None:
+        """(H * A, vocab): each dimension's ids decode to their bin centres at that dimension's positions;
+        None with the spherical grid (its joint token decodes to three values)."""
+        self._require_fitted("code_values")
+        if self.config.spherical_dims:
+            return None
+        n, a = self.config.n_bins, self.action_dim
+        step = np.zeros((a, self.vocab_size))
+        for j in range(a):  # no joint token: slot j holds ids [j * n, (j + 1) * n) of dimension j
+            step[j, j * n:(j + 1) * n] = self.centres[j]
+        return np.tile(step, (self.horizon, 1))
+
     def allowed_codes(self, length: int) -> np.ndarray:
         """Position ``i`` holds a token of slot ``i % tokens_per_step`` (its dimension's id range)."""
         self._require_fitted("allowed_codes")

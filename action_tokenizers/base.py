@@ -172,6 +172,15 @@ class ActionTokenizer:
         Heads mask their logits with it so that sampling cannot produce an undecodable row."""
         return None
 
+    def code_values(self) -> np.ndarray | None:
+        """``(H * tokens_per_step, vocab_size)`` float: the action value each id decodes to at each code position,
+        for tokenizers whose positions decode independently to ONE value each (per-dimension bins: uniform,
+        adaptive grid without the spherical joint token). Heads use it to decode the expected value under their
+        predicted distribution instead of the argmax code (``head.greedy='expected'``). Ids not allowed at a
+        position (``allowed_codes``) hold 0: heads mask them, so they get no probability. None = not per-position
+        (FAST's BPE, multi-scale VQ, joint tokens)."""
+        return None
+
     def length_constraint(self) -> tuple[np.ndarray, int] | None:
         """For variable-length tokenizers whose rows decode only at an exact total: ``(lengths, total)``,
         how many units each id (``(vocab_size,)`` int) decodes to and the total a decodable row adds up to

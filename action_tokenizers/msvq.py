@@ -199,6 +199,13 @@ class MSVQTokenizer(ActionTokenizer):
         q = book[scale_codes.cpu()].transpose(1, 2)  # (N, D, s)
         return f_hat + _resize(q, self.config.scales[-1])
 
+    def add_expected_scale(self, f_hat, probs):
+        """f_hat (N, D, T) + the expected codebook vector of one scale under ``probs`` (N, s, K) -> f_hat: the
+        soft counterpart of ``add_scale`` (a head's ``greedy='expected'`` decoding)."""
+        book = self.modules["codebook"].weight
+        q = (probs.to(device=book.device, dtype=book.dtype) @ book).transpose(1, 2)  # (N, D, s)
+        return f_hat + _resize(q, self.config.scales[-1])
+
     def scale_input(self, f_hat, k: int):
         """What scale ``k`` is predicted from: the reconstruction so far, seen at that scale -> (N, s_k, D)."""
         return _resize(f_hat, self.config.scales[k]).transpose(1, 2)

@@ -73,6 +73,12 @@ class UniformTokenizer(ActionTokenizer):
         k = np.clip(codes, 0, self.config.n_bins - 1).reshape(-1, H, A)
         return self.low + (k + 0.5) * self.bin_width, valid
 
+    def code_values(self) -> np.ndarray:
+        """(H * A, n_bins): bin k of the dimension at position l (time-major) decodes to its centre."""
+        self._require_fitted("code_values")
+        centres = self.low[:, None] + (np.arange(self.config.n_bins)[None] + 0.5) * self.bin_width[:, None]  # (A, n)
+        return np.tile(centres, (self.horizon, 1))
+
     def _state(self) -> dict[str, np.ndarray]:
         return {"low": self.low, "high": self.high}
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from action_tokenizers.base import TokenizerConfig
 from action_tokenizers.msvq import MSVQConfig
-from policies.token_head import TokenHead
+from policies.token_head import TokenHead, check_greedy
 from vla.backbones.base import Backbone
 from vla.config import HeadConfig, PolicyConfig
 from vla.types import Prefix
@@ -42,6 +42,9 @@ class CoarseToFineConfig(HeadConfig):
     tokenizer_path: str | None = None  # an msvq tokenizer saved by `vla tokenizer fit` (else fitted at train start)
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0
+    # What temperature 0 decodes: "argmax" (each slot's most likely code) or "expected" (each scale adds the
+    # probability-weighted mean of the codebook vectors; the next scale reads that reconstruction).
+    greedy: str = "argmax"
 
     @classmethod
     def tiny(cls) -> "CoarseToFineConfig":
@@ -70,6 +73,7 @@ class CoarseToFineHead(TokenHead):
                              f"got {cfg.tokenizer.type!r}")
         super().__init__(cfg.tokenizer, cfg.tokenizer_path, chunk_size, action_dim, state_dim, backbone.hidden_size)
         self.cfg = cfg
+        check_greedy(cfg.greedy, self.tokenizer, per_position=False)
         self.scales = list(cfg.tokenizer.scales)
         d = backbone.hidden_size
         self.latent_in = nn.Linear(cfg.tokenizer.latent_dim, d)
@@ -102,6 +106,7 @@ class CoarseToFineHead(TokenHead):
         k_top = self.cfg.top_k if top_k is None else top_k
         b, n = prefix.batch_size, num_samples
         usable = self.logit_mask(1, self.vocab, prefix.hidden.device)[0]
+        expected = temp == 0 and self.cfg.greedy == "expected"
 
         # Pass 1 (B rows): the state token and scale 0's slots, which read no sampled code.
         s0 = self.scales[0]
@@ -117,11 +122,19 @@ class CoarseToFineHead(TokenHead):
                 h, ctx = backbone.extend(self._tokens(tok.scale_input(f_hat, k), start), ctx, full, return_prefix=True)
             logits = self.code_out(h).masked_fill(~usable, float("-inf"))
             c = self.pick(logits, temp, k_top, generator)  # (B*N, s)
-            f_hat = tok.add_scale(f_hat, c)
+            if expected:  # the mean codebook vector under the predicted distribution, not the argmax's
+                f_hat = tok.add_expected_scale(f_hat, logits[..., : tok.vocab_size].double().softmax(-1))
+            else:
+                f_hat = tok.add_scale(f_hat, c)
             codes.append(c)
             feats.append(h)
             start += s
-        chunks, valid = self.decode_codes(torch.cat(codes, 1))
+        if expected:
+            chunks = torch.zeros(b * n, self.chunk_size, self.action_dim, device=h.device)
+            chunks[..., : tok.action_dim] = tok.decode_latent(f_hat).float().to(h.device)
+            valid = torch.isfinite(chunks).flatten(1).all(1)
+        else:
+            chunks, valid = self.decode_codes(torch.cat(codes, 1))
         if not bool(valid.all()):  # cannot happen with in-range codes; never hand NaN onwards
             raise RuntimeError(f"coarse_to_fine: {int((~valid).sum())} sampled code rows do not decode")
         chunks = chunks.view(b, n, self.chunk_size, self.action_dim)

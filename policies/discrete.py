@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from action_tokenizers.base import TokenizerConfig
-from policies.token_head import TokenHead
+from policies.token_head import TokenHead, check_greedy
 from vla.backbones.base import Backbone
 from vla.config import HeadConfig, PolicyConfig
 from vla.types import Prefix
@@ -52,6 +52,9 @@ class DiscreteConfig(HeadConfig):
     max_resample: int = 3  # tries for rows that sampled an undecodable code sequence
     resample_temperature: float = 1.0  # re-draws after a greedy (temperature 0) draw use this
     constrain_length: bool = True  # variable-length tokenizers: only sample rows of the decodable length
+    # What temperature 0 decodes: "argmax" (each position's most likely code) or "expected" (each position's
+    # expected value under the predicted distribution, e.g. between two bins; per-position tokenizers only).
+    greedy: str = "argmax"
 
     @classmethod
     def tiny(cls) -> "DiscreteConfig":
@@ -68,6 +71,7 @@ class DiscreteHead(TokenHead):
         super().__init__(cfg.tokenizer, cfg.tokenizer_path, chunk_size, action_dim, state_dim, backbone.hidden_size)
         self.cfg = cfg
         self.variable = not self.tokenizer.fixed_length
+        check_greedy(cfg.greedy, self.tokenizer, per_position=True)
         if self.variable and cfg.decoding == "parallel":
             raise ValueError(f"head.decoding='parallel' needs a fixed-length tokenizer; {cfg.tokenizer.type!r} "
                              "codes vary in length: use decoding='autoregressive'")
@@ -136,15 +140,20 @@ class DiscreteHead(TokenHead):
         temp = self.cfg.temperature if temperature is None else temperature
         k = self.cfg.top_k if top_k is None else top_k
         b, n = prefix.batch_size, num_samples
-        codes, mask, feats = self._sample_codes(backbone, prefix, n, temp, k, generator)
-        chunks, valid = self.decode_codes(codes, mask)
+        expected = temp == 0 and self.cfg.greedy == "expected"
+        codes, mask, feats, logits = self._sample_codes(backbone, prefix, n, temp, k, generator, keep_logits=expected)
+        if expected:  # per-position values: every row decodes
+            chunks = self.expected_chunks(logits)
+            valid = torch.ones(len(chunks), dtype=torch.bool, device=chunks.device)
+        else:
+            chunks, valid = self.decode_codes(codes, mask)
         retry_temp = temp if temp > 0 else self.cfg.resample_temperature
         for _ in range(self.cfg.max_resample):
             bad = (~valid).nonzero().flatten()
             if len(bad) == 0:
                 break
             sub = prefix._map(lambda t: t[torch.div(bad, n, rounding_mode="floor")])
-            c2, m2, f2 = self._sample_codes(backbone, sub, 1, retry_temp, k, generator)
+            c2, m2, f2, _ = self._sample_codes(backbone, sub, 1, retry_temp, k, generator)
             a2, v2 = self.decode_codes(c2, m2)
             chunks[bad], valid[bad] = a2, v2
             width = min(f2.shape[1], feats.shape[1])
@@ -179,8 +188,9 @@ class DiscreteHead(TokenHead):
         lengths, total = constraint
         return _LengthBudget(torch.from_numpy(lengths), total, self.code_out.out_features, self.eos, rows, device)
 
-    def _sample_codes(self, backbone, prefix, n, temp, top_k, generator):
-        """-> codes (B*n, L), mask (B*n, L), features (B*n, L, hidden)."""
+    def _sample_codes(self, backbone, prefix, n, temp, top_k, generator, keep_logits: bool = False):
+        """-> codes (B*n, L), mask (B*n, L), features (B*n, L, hidden), and with ``keep_logits`` the masked
+        logits (B*n, L, V_out) the codes were picked from (else None)."""
         dev = prefix.hidden.device
         allowed = self.allowed_ids(dev)
         length = allowed.shape[0]
@@ -189,18 +199,21 @@ class DiscreteHead(TokenHead):
             logits, h = self.logits(backbone, prefix, dummy)  # ONE pass on B rows; codes are not read
             logits = logits.masked_fill(~allowed, float("-inf")).repeat_interleave(n, 0)
             codes = self.pick(logits, temp, top_k, generator)
-            return codes, torch.ones_like(codes, dtype=torch.bool), h.repeat_interleave(n, 0)
+            return codes, torch.ones_like(codes, dtype=torch.bool), h.repeat_interleave(n, 0), \
+                logits if keep_logits else None
         slots = self.slot_emb.weight
         h, ctx = backbone.extend(self.state_token(prefix) + slots[0], prefix, return_prefix=True)
         ctx = ctx.repeat(n)  # the state token's keys/values are shared by the n candidates
         h = h[:, -1].repeat_interleave(n, 0)
-        codes, feats = [], []
+        codes, feats, kept = [], [], []
         done = torch.zeros(h.shape[0], dtype=torch.bool, device=dev)
         fits = self._length_constraint(h.shape[0], dev)
         for i in range(length):
             ok = allowed[i] if fits is None else allowed[i] & fits()
             logits = self.code_out(h).masked_fill(~ok, float("-inf"))
             c = self.pick(logits, temp, top_k, generator)
+            if keep_logits:
+                kept.append(logits)
             if self.variable:
                 c = torch.where(done, torch.full_like(c, self.eos), c)
                 done = done | (c == self.eos)
@@ -214,12 +227,13 @@ class DiscreteHead(TokenHead):
             h, ctx = backbone.extend(x, ctx, return_prefix=True)
             h = h[:, -1]
         codes_t, feats_t = torch.stack(codes, 1), torch.stack(feats, 1)
+        logits_t = torch.stack(kept, 1) if keep_logits else None
         if not self.variable:
-            return codes_t, torch.ones_like(codes_t, dtype=torch.bool), feats_t
+            return codes_t, torch.ones_like(codes_t, dtype=torch.bool), feats_t, logits_t
         mask = (codes_t != self.eos).cumprod(1).bool()  # codes before the first EOS
         ended = (codes_t == self.eos).any(1)
         mask = mask & ended[:, None]  # a row that never ended decodes as invalid (empty)
-        return torch.where(mask, codes_t, 0), mask, feats_t
+        return torch.where(mask, codes_t, 0), mask, feats_t, logits_t
 
 
 class _LengthBudget:

@@ -55,6 +55,18 @@ def length_bound(cfg: TokenizerConfig, chunk_size: int, max_action_dim: int) -> 
     return chunk_size * max_action_dim
 
 
+GREEDY = ("argmax", "expected")
+
+
+def check_greedy(greedy: str, tokenizer: ActionTokenizer, per_position: bool) -> None:
+    """Validate ``head.greedy``; ``per_position``: the head decodes 'expected' through ``code_values``."""
+    if greedy not in GREEDY:
+        raise ValueError(f"head.greedy: expected one of {GREEDY}, got {greedy!r}")
+    if greedy == "expected" and per_position and type(tokenizer).code_values is ActionTokenizer.code_values:
+        raise ValueError(f"head.greedy='expected' needs a tokenizer whose codes decode one value per position "
+                         f"(uniform, adaptive_grid); {tokenizer.config.type!r} does not: use greedy='argmax'")
+
+
 class TokenHead(ActionHead):
     """Base of token heads: owns the tokenizer and the code <-> tensor plumbing."""
 
@@ -121,6 +133,25 @@ class TokenHead(ActionHead):
         out = torch.zeros(len(acts), self.chunk_size, self.action_dim)
         out[..., : tok.action_dim] = torch.from_numpy(acts).float()
         return out.to(codes.device), torch.from_numpy(valid).to(codes.device)
+
+    def expected_chunks(self, logits: Tensor) -> Tensor:
+        """Masked logits (M, L, V_out) over per-position codes -> (M, H, A_max) float32: each position's
+        expected value under softmax(logits), ``sum_k p_k * value_k`` (``ActionTokenizer.code_values``),
+        instead of the argmax code's. Exact where the model is sure, between two bins where it hesitates."""
+        tok = self._require_tokenizer()
+        table = tok.code_values()
+        if table is None:
+            raise ValueError(f"head.greedy='expected': the {tok.config.type!r} tokenizer has no per-position code "
+                             "values (e.g. adaptive_grid with spherical_dims); use greedy='argmax'")
+        values = torch.from_numpy(table).to(device=logits.device, dtype=torch.float64)  # (L, V)
+        length, v = values.shape
+        if logits.shape[1] != length:
+            raise ValueError(f"expected_chunks: {logits.shape[1]} code positions, the tokenizer has {length}")
+        probs = logits[..., :v].double().softmax(-1)  # masked ids (-inf) get 0
+        mean = (probs * values).sum(-1).view(-1, tok.horizon, tok.tokens_per_step)  # (M, H, A)
+        out = torch.zeros(len(mean), self.chunk_size, self.action_dim, device=logits.device)
+        out[..., : tok.action_dim] = mean.float()
+        return out
 
     def step_loss(self, nll: Tensor, code_mask: Tensor, is_pad: Tensor) -> Tensor:
         """Token NLL (B, L) -> per-step loss (B, H); ``sum(-1)`` = the chunk's NLL over valid steps."""

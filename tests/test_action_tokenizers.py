@@ -291,6 +291,44 @@ def test_msvq_learns_better_than_the_mean_and_codes_are_coarse_to_fine():
     assert tok.decode(bad)[1].tolist() == [False, True]
 
 
+@pytest.mark.parametrize("name", tokenizer_names())
+def test_code_values_are_what_each_code_decodes_to(name):
+    """``code_values()[l, k]`` is the value id k decodes to at position l (per-position tokenizers), so a
+    head's expected value under a one-hot distribution is the decoded code; other tokenizers give None."""
+    tok = fitted(name)
+    table = tok.code_values()
+    if name in ("fast", "msvq"):
+        assert table is None
+        return
+    codes, mask = tok.encode(DATA[:16])
+    acts, valid = tok.decode(codes, mask)
+    assert table.shape == (codes.shape[1], tok.vocab_size) and valid.all()
+    picked = np.take_along_axis(table, codes.T, axis=1).T  # (N, L): the table at each code
+    np.testing.assert_allclose(picked.reshape(acts.shape), acts, atol=1e-12)
+    allowed = tok.allowed_codes(codes.shape[1])
+    if allowed is not None:  # ids a position never holds carry no value
+        assert (table[~allowed] == 0).all()
+
+
+def test_spherical_grid_has_no_per_position_values():
+    cfg = tokenizer_config_class("adaptive_grid").tiny()
+    cfg.spherical_dims, cfg.spherical_bins = [0, 1, 2], [4, 6, 3]
+    tok = cfg.build()
+    tok.fit(DATA)
+    assert tok.code_values() is None
+
+
+def test_msvq_expected_scale_with_one_hot_probabilities_is_add_scale():
+    tok = fitted("msvq")
+    codes = torch.from_numpy(tok.encode(DATA[:5])[0])
+    f_hard = f_soft = tok.empty_latent(5)
+    for sl in tok.scale_slices():
+        f_hard = tok.add_scale(f_hard, codes[:, sl])
+        f_soft = tok.add_expected_scale(f_soft, torch.nn.functional.one_hot(codes[:, sl], tok.vocab_size).double())
+    assert torch.allclose(f_hard, f_soft, atol=1e-6)
+    np.testing.assert_allclose(tok.decode_latent(f_soft).detach().numpy(), tok.decode(codes.numpy())[0], atol=1e-5)
+
+
 def test_make_chunks_never_crosses_episodes():
     actions = np.arange(10, dtype=float)[:, None]
     ep = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])

@@ -73,7 +73,7 @@ def test_cached_decoding_matches_teacher_forcing(name: str) -> None:
         return
     if head.variable:  # compare with the plain argmax (the length budget is tested on its own below)
         head.cfg.constrain_length = False
-    codes, mask, feats = head._sample_codes(policy.backbone, prefix, 1, 0.0, 0, None)
+    codes, mask, feats, _ = head._sample_codes(policy.backbone, prefix, 1, 0.0, 0, None)
     logits, h = head.logits(policy.backbone, prefix, codes)
     pred = logits.masked_fill(~head.allowed_ids(logits.device)[: codes.shape[1]], float("-inf")).argmax(-1)
     for row in range(len(codes)):
@@ -211,9 +211,9 @@ def test_greedy_resamples_are_drawn_at_a_temperature(monkeypatch) -> None:
     temps = []
     real = head._sample_codes
 
-    def spy(backbone, prefix, n, temp, top_k, generator):
+    def spy(backbone, prefix, n, temp, top_k, generator, keep_logits=False):
         temps.append(temp)
-        return real(backbone, prefix, n, temp, top_k, generator)
+        return real(backbone, prefix, n, temp, top_k, generator, keep_logits)
 
     calls = {"n": 0}
     real_decode = head.tokenizer.decode
@@ -239,6 +239,59 @@ def test_config_errors_are_clear() -> None:
     policy = VLAPolicy(tiny_policy_config(backbone, DiscreteConfig.tiny()))
     with pytest.raises(RuntimeError, match="not fitted"):
         policy.sample_actions(random_observation(policy, batch=1))
+
+
+@pytest.mark.parametrize("name", ["ar_uniform", "ar_adaptive", "parallel_uniform"])
+def test_expected_greedy_is_the_mean_under_the_predicted_distribution(name: str) -> None:
+    """greedy='expected': each position decodes to sum_k p_k * value_k, with p the head's distribution at
+    that position (autoregressive: conditioned on the argmax codes before it), not to the argmax's value."""
+    cfg = copy.deepcopy(HEADS[name])
+    cfg.greedy = "expected"
+    policy = _policy(cfg)
+    head, tok = policy.head, policy.head.tokenizer
+    prefix = policy.encode(random_observation(policy, batch=2))
+    got = head.sample(policy.backbone, prefix, temperature=0)[:, 0]  # (B, H, A_max)
+    codes = head._sample_codes(policy.backbone, prefix, 1, 0.0, 0, None)[0]  # the argmax path
+    logits, _ = head.logits(policy.backbone, prefix, codes)  # teacher forcing on it
+    logits = logits.masked_fill(~head.allowed_ids(logits.device)[: codes.shape[1]], float("-inf"))
+    p = logits[..., : tok.vocab_size].detach().double().softmax(-1).numpy()
+    want = (p * tok.code_values()[None]).sum(-1).reshape(2, tok.horizon, tok.action_dim)
+    np.testing.assert_allclose(got[..., : tok.action_dim].numpy(), want, atol=1e-5)
+    argmax = head.decode_codes(codes)[0][..., : tok.action_dim].numpy()
+    assert np.abs(want - argmax).max() > 1e-3  # an untrained head hesitates: the two decodings differ
+
+
+def test_coarse_to_fine_expected_greedy_adds_mean_codebook_vectors() -> None:
+    """greedy='expected' on coarse-to-fine: a sure head (peaked logits) decodes as the argmax does; an unsure
+    one decodes to a blend of codebook vectors, which is not what its argmax codes decode to."""
+    cfg = copy.deepcopy(HEADS["coarse_to_fine"])
+    cfg.greedy = "expected"
+    policy = _policy(cfg)
+    head = policy.head
+    prefix = policy.encode(random_observation(policy, batch=2))
+    soft = head.sample(policy.backbone, prefix, temperature=0)
+    head.cfg.greedy = "argmax"
+    hard = head.sample(policy.backbone, prefix, temperature=0)
+    assert torch.isfinite(soft).all() and (soft - hard).abs().max() > 1e-3
+    with torch.no_grad():  # logits x 1e7: the same argmax, probability ~1 on it
+        head.code_out.weight.mul_(1e7)
+        head.code_out.bias.mul_(1e7)
+    sure_hard = head.sample(policy.backbone, prefix, temperature=0)
+    head.cfg.greedy = "expected"
+    sure_soft = head.sample(policy.backbone, prefix, temperature=0)
+    assert torch.allclose(sure_soft, sure_hard, atol=1e-4)
+
+
+def test_expected_greedy_config_errors() -> None:
+    with pytest.raises(ValueError, match="head.greedy: expected one of"):
+        _policy(DiscreteConfig(tokenizer=_tok("uniform"), greedy="mean"))
+    with pytest.raises(ValueError, match="one value per position"):
+        _policy(DiscreteConfig(tokenizer=_tok("fast"), greedy="expected"))
+    cfg = copy.deepcopy(HEADS["ar_spherical"])
+    cfg.greedy = "expected"
+    policy = _policy(cfg)  # the adaptive grid can, until its spherical joint token is fitted
+    with pytest.raises(ValueError, match="per-position code values"):
+        policy.head.sample(policy.backbone, policy.encode(random_observation(policy, batch=1)), temperature=0)
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
