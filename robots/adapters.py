@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -52,11 +52,12 @@ class AdapterRegistry:
     # ----- building ---------------------------------------------------------------------------
     @classmethod
     def load(cls, policy_path: str | Path, adapters: Mapping[str, str | Path] | None = None,
-             device: str = "cpu") -> "AdapterRegistry":
+             device: str = "cpu", overrides: Sequence[str] = ()) -> "AdapterRegistry":
         """The base checkpoint at ``policy_path`` plus named adapter checkpoints.
 
         ``policy_path`` may itself be an adapter checkpoint: its base is loaded and it is served as
-        ``"default"`` (and is the default for requests that name no adapter)."""
+        ``"default"`` (and is the default for requests that name no adapter). ``overrides``: ``--FIELD=VALUE``
+        over the base's config (``VLAPolicy.from_pretrained``)."""
         from vla.lora import ADAPTER_CONFIG_NAME, read_adapter_config
         from vla.policy import VLAPolicy
 
@@ -71,7 +72,7 @@ class AdapterRegistry:
             adapters = {"default": policy_path, **adapters}
             default = "default"
         t0 = time.perf_counter()
-        reg = cls(VLAPolicy.from_pretrained(path, device=device), path)
+        reg = cls(VLAPolicy.from_pretrained(path, device=device, overrides=overrides), path)
         reg.base_load_s = time.perf_counter() - t0
         for name, p in adapters.items():
             reg.add(name, p)

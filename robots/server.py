@@ -371,9 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--max_pending", type=int, default=32, help="queued requests before 'overloaded' replies")
     ap.add_argument("--max_message_mb", type=float, default=64.0)
-    args = ap.parse_args(argv)
+    ap.epilog = "Any --policy.FIELD=VALUE overrides the base checkpoint's config (e.g. --policy.head.num_steps=5)."
+    args, extra = ap.parse_known_args(argv)
+    from vla.config import policy_overrides
+
     try:
         adapters = parse_adapters(args.adapter)
+        overrides = policy_overrides(extra)
     except ValueError as e:
         ap.error(str(e))
     import torch
@@ -382,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    registry = AdapterRegistry.load(args.policy, adapters, device=args.device)
+    registry = AdapterRegistry.load(args.policy, adapters, device=args.device, overrides=overrides)
     if args.default_adapter is not None:
         registry.default = registry.check_name(args.default_adapter)
     server = PolicyServer(registry, args.host, args.port, max_pending=args.max_pending,

@@ -85,3 +85,30 @@ def test_fresh_timm_backbone_keeps_batchnorm_statistics() -> None:
     bns = [m for m in backbone.vision.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert bns, "the tiny timm encoder has BatchNorm layers"
     assert all(not m.training for m in bns)
+
+
+def test_from_pretrained_overrides_execution_settings(tmp_path) -> None:
+    """``overrides`` change execution settings of a saved policy without retraining; a field the config
+    does not have is an error that names it."""
+    backbone = next(v for k, v in BACKBONES.items() if k.startswith("timm_lm"))
+    policy = VLAPolicy(tiny_policy_config(backbone, HEADS["flow_matching"])).eval()
+    policy.save_pretrained(tmp_path / "ckpt")
+    steps = policy.config.head.num_steps
+    again = VLAPolicy.from_pretrained(tmp_path / "ckpt", overrides=[f"--head.num_steps={steps + 2}", "--n_action_steps=1"])
+    assert again.config.head.num_steps == steps + 2 and again.config.n_action_steps == 1
+    assert VLAPolicy.from_pretrained(tmp_path / "ckpt").config.head.num_steps == steps  # the file is untouched
+    with pytest.raises(Exception, match="bogus"):
+        VLAPolicy.from_pretrained(tmp_path / "ckpt", overrides=["--head.bogus=1"])
+    from benchmarks.metaworld.evaluate import evaluate, main
+
+    with pytest.raises(Exception, match="bogus"):  # checked once, before any worker starts
+        evaluate(str(tmp_path / "ckpt"), ["reach"], episodes_per_task=1, workers=1, progress=False,
+                 policy_overrides=["--head.bogus=1"])
+    with pytest.raises(SystemExit):  # only --policy.FIELD=VALUE may follow the known flags
+        main(["--policy", str(tmp_path / "ckpt"), "--head.num_steps=2"])
+    with pytest.raises(ValueError, match="does not parse"):
+        VLAPolicy.from_pretrained(tmp_path / "ckpt", overrides=["--head.num_steps=many"])
+    from robots.server import main as serve_main
+
+    with pytest.raises(SystemExit):  # vla serve: the same rule, before anything is loaded
+        serve_main(["--policy", str(tmp_path / "ckpt"), "--temperature=0"])

@@ -196,7 +196,9 @@ def register_choice_field(name: str, base: type) -> None:
 _ALIASES = ("backbone", "head")
 
 
-def _normalize_args(args: Sequence[str]) -> list[str]:
+def _normalize_args(args: Sequence[str], aliases: bool = True) -> list[str]:
+    if not aliases:
+        return list(args)
     out: list[str] = []
     for a in args:
         for alias in _ALIASES:
@@ -222,13 +224,15 @@ def from_dict(cls: type, data: dict) -> Any:
     return draccus.decode(cls, data)
 
 
-def parse_config(cls: type, base: Any | None, args: Sequence[str]) -> Any:
+def parse_config(cls: type, base: Any | None, args: Sequence[str], aliases: bool = True) -> Any:
     """Parse ``args`` (``--a.b=c``) over the defaults in ``base`` (a preset instance).
 
     Switching a choice (``--head.type=discrete``) resets that sub-config to the new type's defaults
     instead of feeding it the old type's fields. Unknown choice names fail with the known names.
+    ``aliases``: read ``--head.x`` as ``--policy.head.x`` (training configs); False when ``cls`` is
+    the policy config itself.
     """
-    args = _normalize_args(args)
+    args = _normalize_args(args, aliases)
     data = to_dict(base) if base is not None else {}
     for a in args:
         m = re.match(r"--((?:[\w]+\.)*)([\w]+)\.type=(.+)$", a)
@@ -259,6 +263,32 @@ def parse_config(cls: type, base: Any | None, args: Sequence[str]) -> Any:
         import os
 
         os.unlink(path)
+
+
+def policy_overrides(extra: Sequence[str]) -> list[str]:
+    """Command-line leftovers ``--policy.FIELD=VALUE`` (``vla eval``, ``vla serve``) -> ``--FIELD=VALUE``
+    overrides for ``VLAPolicy.from_pretrained``; anything else is a ValueError naming it."""
+    bad = [a for a in extra if not (a.startswith("--policy.") and "=" in a)]
+    if bad:
+        raise ValueError(f"unrecognized arguments: {' '.join(bad)} (a checkpoint's config is overridden with "
+                         "--policy.FIELD=VALUE, e.g. --policy.head.temperature=0)")
+    return ["--" + a[len("--policy."):] for a in extra]
+
+
+def check_override_fields(cfg: Any, args: Sequence[str]) -> None:
+    """Each ``--a.b=value`` in ``args`` must name a field path of the config instance ``cfg``; else a
+    ValueError naming the override and listing the fields where the path went wrong."""
+    for a in args:
+        m = re.match(r"--([\w.]+)=(.*)$", a, re.S)
+        if not m:
+            raise ValueError(f"override {a!r}: expected --field.path=value")
+        node = cfg
+        for part in m.group(1).split("."):
+            names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+            if part not in names:
+                raise ValueError(f"override {a!r}: {type(node).__name__} has no field {part!r}; "
+                                 f"its fields: {', '.join(names) or 'none (not a config section)'}")
+            node = getattr(node, part)
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vla.config import PolicyConfig, from_dict, to_dict
+from vla.config import PolicyConfig, check_override_fields, from_dict, parse_config, to_dict
 from vla.plugins import load_plugins
 from vla.types import Observation, Prefix
 
@@ -194,20 +194,32 @@ class VLAPolicy(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        embodiment: str | None = None) -> "VLAPolicy":
+                        embodiment: str | None = None, overrides: Sequence[str] = ()) -> "VLAPolicy":
         """Load a policy saved by :meth:`save_pretrained` (or a LoRA adapter checkpoint).
 
         ``embodiment`` picks the normalization statistics of one robot of a mixture-pretrained checkpoint
-        (``vla pretrain --mixture``); None = its default. An unknown name lists the known ones."""
+        (``vla pretrain --mixture``); None = its default. An unknown name lists the known ones.
+        ``overrides``: ``--field=value`` strings over the saved config, for execution settings that need no
+        retraining (``--head.temperature=0``, ``--head.greedy=expected``, ``--head.num_steps=5``,
+        ``--n_action_steps=4``); an unknown field is an error naming it."""
         path = Path(path)
         from vla.lora import ADAPTER_CONFIG_NAME, load_adapter_checkpoint
 
         if (path / ADAPTER_CONFIG_NAME).exists():
+            if overrides:
+                raise ValueError(f"overrides {list(overrides)}: not supported for a LoRA adapter checkpoint ({path}); "
+                                 "override the base checkpoint's config instead")
             return load_adapter_checkpoint(path, device, embodiment)
         if not (path / CONFIG_NAME).exists():
             raise FileNotFoundError(f"{path} is not a policy checkpoint: no {CONFIG_NAME} in it")
         load_plugins()
         config = from_dict(PolicyConfig, json.loads((path / CONFIG_NAME).read_text()))
+        if overrides:
+            check_override_fields(config, overrides)
+            try:
+                config = parse_config(PolicyConfig, config, list(overrides), aliases=False)
+            except (SystemExit, Exception) as e:  # draccus: DecodingError, or argparse's exit
+                raise ValueError(f"overrides {list(overrides)}: a value does not parse: {e}") from e
         policy = cls(config, assets_dir=path / ASSETS_DIR)
         load_weights(policy, path / WEIGHTS_NAME)
         policy.selector_dir = path / SELECTOR_DIR  # fitted test-time selectors (e.g. the CFN), read on demand

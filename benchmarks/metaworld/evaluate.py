@@ -47,10 +47,12 @@ class PolicyOutputError(ValueError):
 _POLICY: dict[str, Any] = {}  # the policy of this worker process, built on its first episode
 
 
-def _set_policy_spec(spec: str | Callable[[], Any], device: str, predict_kwargs: dict | None = None) -> None:
+def _set_policy_spec(spec: str | Callable[[], Any], device: str, predict_kwargs: dict | None = None,
+                     overrides: Sequence[str] = ()) -> None:
     _POLICY.clear()
     # predict_kwargs: test-time selection, {"num_samples": N, "selector": name or config map} (docs/selectors.md)
-    _POLICY.update(spec=spec, device=device, kwargs=dict(predict_kwargs or {}))
+    # overrides: `--field=value` over a checkpoint's config (VLAPolicy.from_pretrained)
+    _POLICY.update(spec=spec, device=device, kwargs=dict(predict_kwargs or {}), overrides=list(overrides))
 
 
 def _policy() -> Any:
@@ -62,7 +64,8 @@ def _policy() -> Any:
             torch.set_num_threads(1)
             from vla.policy import VLAPolicy
 
-            _POLICY["policy"] = VLAPolicy.from_pretrained(str(spec), device=_POLICY["device"])
+            _POLICY["policy"] = VLAPolicy.from_pretrained(str(spec), device=_POLICY["device"],
+                                                          overrides=_POLICY["overrides"])
         else:
             _POLICY["policy"] = spec()
         for name in ("reset", "predict_action_chunk"):
@@ -188,11 +191,13 @@ def evaluate(
     progress: bool = True,
     num_samples: int = 1,
     selector: str | dict | None = None,
+    policy_overrides: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Success rate per task over `episodes_per_task` held-out variations.
 
     `cameras` and `image_size` must be those of the policy's training data; `cameras=None` reads them
     from a checkpoint's preprocessor (its camera map), else uses the close-up corner2 camera.
+    `policy_overrides`: `--field=value` strings over a checkpoint's config (e.g. `--head.greedy=expected`).
     Returns the results dict that report.py renders.
     """
     if episodes_per_task < 1:
@@ -203,6 +208,16 @@ def evaluate(
         raise ValueError(f"n_action_steps: expected >= 1 or None (the policy's own), received {n_action_steps}")
     if not isinstance(policy, (str, Path)) and not callable(policy):
         raise TypeError(f"policy: expected a checkpoint path or a factory callable, received {policy!r}")
+    if policy_overrides and not isinstance(policy, (str, Path)):
+        raise ValueError(f"policy_overrides {list(policy_overrides)}: only for a checkpoint path, not {policy!r}")
+    if policy_overrides:  # fail here, not in every worker: load the config once with them
+        from vla.config import PolicyConfig, check_override_fields, from_dict
+        from vla.plugins import load_plugins
+
+        load_plugins()
+        cfg_file = Path(policy) / "config.json"
+        if cfg_file.is_file():
+            check_override_fields(from_dict(PolicyConfig, json.loads(cfg_file.read_text())), policy_overrides)
     if not isinstance(num_samples, int) or num_samples < 1 or (num_samples > 1 and selector is None):
         raise ValueError(f"num_samples: expected an int >= 1, and a selector when > 1; received {num_samples!r} "
                          f"with selector {selector!r}")
@@ -224,7 +239,7 @@ def evaluate(
     spec = str(policy) if isinstance(policy, Path) else policy
     episodes = []
     with contextlib.closing(run_jobs(eval_episode, jobs, workers, "eval episodes", progress,
-                                     _set_policy_spec, (spec, device, predict_kwargs))) as results:
+                                     _set_policy_spec, (spec, device, predict_kwargs, tuple(policy_overrides)))) as results:
         for ep in results:
             episodes.append(ep)
     per_task: dict[str, Any] = {}
@@ -251,6 +266,7 @@ def evaluate(
         "interval_method": "Wilson score, 95%, over episodes (per task and pooled for the mean)",
         "episodes_per_task": episodes_per_task, "seed": seed, "workers": workers, "max_steps": max_steps,
         "n_action_steps": n_action_steps, "num_samples": num_samples, "selector": selector,
+        "policy_overrides": list(policy_overrides),
         "n_action_steps_used": sorted({e["n_action_steps"] or 0 for e in episodes}),  # 0: whole chunks
         "cameras": list(cams), "image_size": int(image_size),
         "variation_pools": "eval: metaworld.MT1(task, seed=k).train_tasks for odd k; training uses even k",
@@ -280,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="selector assets (cfn: default the CFN saved with the policy; world_model: required)")
     p.add_argument("--num-samples", type=int, default=1, help="candidate chunks per re-plan (needs --selector)")
     p.add_argument("--no-progress", action="store_true")
+    p.epilog = ("Any --policy.FIELD=VALUE overrides the checkpoint's config for this evaluation (execution "
+                "settings: --policy.head.temperature=0, --policy.head.greedy=expected, --policy.head.num_steps=5).")
     return p
 
 
@@ -294,7 +312,14 @@ def _selector_spec(args: argparse.Namespace) -> str | dict | None:
 def main(argv: Sequence[str] | None = None) -> int:
     from .report import git_commit, write_report
 
-    args = build_parser().parse_args(argv)
+    from vla.config import policy_overrides
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        overrides = policy_overrides(extra)
+    except ValueError as e:
+        parser.error(str(e))
     if args.policy == "expert":
         from .expert_policy import ScriptedExpertPolicy
 
@@ -305,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        args.n_action_steps, args.out / "videos", args.videos_per_task,
                        tuple(c for c in args.cameras.split(",") if c) if args.cameras else None,
                        args.image_size, args.device,
-                       not args.no_progress, args.num_samples, _selector_spec(args))
+                       not args.no_progress, args.num_samples, _selector_spec(args), overrides)
     results["commit"] = git_commit()
     paths = write_report(results, args.out)
     width = max(len(t) for t in results["tasks"])
