@@ -103,15 +103,18 @@ class PolicyClient:
 
     def infer(self, obs: Mapping[str, Any], *, adapter: str | None = None, num_samples: int | None = None,
               selector: str | None = None, seed: int | None = None, inpaint: Any = None,
-              inpaint_weights: Any = None, reference: Any = None, timeout: float | None = None) -> InferReply:
+              inpaint_weights: Any = None, reference: Any = None, reference_start: int | None = None,
+              timeout: float | None = None) -> InferReply:
         """Send one observation (LeRobot keys: ``observation.state`` (S,), ``observation.images.<cam>``
         (H, W, 3) uint8, ``task`` str) and return the action chunk. ``inpaint`` (H', A) committed
         actions (+ ``inpaint_weights`` (H',)): real-time chunking (flow heads, docs/serving.md).
-        ``reference`` (H', A): the current plan for the chunk's first H' ticks (``coherence`` selector)."""
+        ``reference`` (H', A): the current plan for the chunk's ticks from ``reference_start`` (default 0) on
+        (``coherence`` selector)."""
         msg: dict[str, Any] = {"type": P.INFER, "obs": {k: _plain(v) for k, v in obs.items()}}
         if adapter or self.adapter:
             msg["adapter"] = adapter or self.adapter
-        for key, value in (("num_samples", num_samples), ("selector", selector), ("seed", seed)):
+        for key, value in (("num_samples", num_samples), ("selector", selector), ("seed", seed),
+                           ("reference_start", reference_start)):
             if value is not None:
                 msg[key] = value
         for key, value in (("inpaint", inpaint), ("inpaint_weights", inpaint_weights), ("reference", reference)):

@@ -78,7 +78,9 @@ class RemotePolicy:
         self.client = PolicyClient(url, adapter=adapter)
         meta = self.client.adapter_metadata(adapter)
         self.chunk_size, self.n_action_steps = int(meta["chunk_size"]), int(meta["n_action_steps"])
-        self.takes_reference = bool(self.client.metadata.get("supports", {}).get("reference"))
+        supports = self.client.metadata.get("supports", {})
+        self.takes_reference = bool(supports.get("reference"))
+        self.takes_reference_start = bool(supports.get("reference_start"))
         self.server_ms: list[float] = []
 
     def __call__(self, obs: dict[str, Any], **kw: Any) -> np.ndarray:
@@ -108,12 +110,14 @@ class LocalPolicy:
             self._predict: Callable[..., np.ndarray] = lambda obs, **kw: reg.predict(name, obs, **kw)
             cfg = reg.policy.config
             self.takes_reference = accepts_keyword(reg.policy.predict_action_chunk, "reference")
+            self.takes_reference_start = accepts_keyword(reg.policy.predict_action_chunk, "reference_start")
         else:
             if adapter is not None:
                 raise ValueError("LocalPolicy: an adapter needs a checkpoint path")
             self._predict, cfg = policy.predict_action_chunk, policy.config
             self._reset = getattr(policy, "reset", None)
             self.takes_reference = accepts_keyword(policy.predict_action_chunk, "reference")
+            self.takes_reference_start = accepts_keyword(policy.predict_action_chunk, "reference_start")
         self.chunk_size, self.n_action_steps = int(cfg.chunk_size), int(cfg.n_action_steps)
 
     def __call__(self, obs: dict[str, Any], **kw: Any) -> np.ndarray:
@@ -204,13 +208,23 @@ def rtc_request(schedule: ActionSchedule, tick: int, delay: int, horizon: int) -
     return {"inpaint": planned, "inpaint_weights": rtc_weights(len(planned), min(delay, len(planned)), 0)}
 
 
-def plan_reference(schedule: ActionSchedule, tick: int, policy: Any, cfg: DeployConfig) -> dict[str, Any]:
+def plan_reference(schedule: ActionSchedule, tick: int, policy: Any, cfg: DeployConfig,
+                   late: int = 0) -> dict[str, Any]:
     """With a selector: the actions still planned from ``tick`` on, for selectors that prefer candidates
-    agreeing with the current plan (``coherence``, docs/selectors.md); others ignore it."""
+    agreeing with the current plan (``coherence``, docs/selectors.md); others ignore it.
+
+    ``late``: how many of the new chunk's first steps will have passed when it arrives (asynchronous
+    inference drops them); the plan for those ticks is left out and ``reference_start`` says where it
+    begins, so the comparison (and its decay) starts at the first step that will execute."""
     if cfg.selector is None or not getattr(policy, "takes_reference", False):
         return {}
-    planned = schedule.planned(tick, policy.chunk_size)
-    return {"reference": planned} if len(planned) else {}
+    if not getattr(policy, "takes_reference_start", False):
+        late = 0  # a policy without reference_start: the plan from the observation's tick, as before
+    late = max(0, min(int(late), policy.chunk_size - 1))
+    planned = schedule.planned(tick, policy.chunk_size)[late:]
+    if len(planned) == 0:
+        return {}
+    return {"reference": planned, "reference_start": late} if late else {"reference": planned}
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -309,7 +323,7 @@ def run_deploy(robot: Robot, policy: Any, cfg: DeployConfig, stop: threading.Eve
                     due = k - last_obs_tick >= max(1, n_exec - expected) or schedule.remaining(k) <= expected
                     if due and not worker.busy:
                         worker.submit(obs, k, **(rtc_request(schedule, k, expected, policy.chunk_size)
-                                                 if cfg.rtc else {}), **plan_reference(schedule, k, policy, cfg))
+                                                 if cfg.rtc else {}), **plan_reference(schedule, k, policy, cfg, expected))
                         last_obs_tick = k
                 elif due or schedule.remaining(k) == 0:
                     worker.submit(obs, k, **plan_reference(schedule, k, policy, cfg))

@@ -72,7 +72,8 @@ class PolicyServer:
         self.abandoned = 0  # replies that could not be delivered: the client had disconnected
         self._infer_ms: deque[float] = deque(maxlen=1000)
         params = inspect.signature(registry.policy.predict_action_chunk).parameters
-        self._supports = {k: k in params for k in ("num_samples", "selector", "generator", "inpaint", "reference")}
+        self._supports = {k: k in params for k in ("num_samples", "selector", "generator", "inpaint", "reference",
+                                                   "reference_start")}
         self._server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -84,7 +85,8 @@ class PolicyServer:
                 "adapters": {n: self.registry.metadata(n) for n in self.registry.names},
                 "supports": {"num_samples": self._supports["num_samples"], "selector": self._supports["selector"],
                              "seed": self._supports["generator"], "inpaint": self._supports["inpaint"],
-                             "reference": self._supports["reference"]}}
+                             "reference": self._supports["reference"],
+                             "reference_start": self._supports["reference_start"]}}
 
     def health(self) -> dict[str, Any]:
         ms = sorted(self._infer_ms)
@@ -206,6 +208,17 @@ class PolicyServer:
             if not np.isfinite(reference).all():
                 raise RequestError(P.ERR_BAD_REQUEST, f"reference: the planned actions {reference.shape} have NaN/inf")
             kwargs["reference"] = reference
+            start = msg.get("reference_start")
+            if start is not None:
+                if not self._supports["reference_start"]:
+                    raise RequestError(P.ERR_UNSUPPORTED, "reference_start: this server's policy takes no "
+                                                          "reference_start (predict_action_chunk(reference_start=...))")
+                if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+                    raise RequestError(P.ERR_BAD_REQUEST, f"reference_start: expected a non-negative integer, "
+                                                          f"received {start!r}")
+                kwargs["reference_start"] = start
+        elif msg.get("reference_start") is not None:
+            raise RequestError(P.ERR_BAD_REQUEST, "reference_start: only with a reference")
         seed = msg.get("seed")
         if seed is not None:
             if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:

@@ -196,6 +196,26 @@ def test_selector_requests_carry_the_current_plan() -> None:
             assert all(r is not None and r.shape == (2, 3) and np.allclose(r, 0.1 * i) for i, r in enumerate(refs[1:], 1))
 
 
+def test_plan_reference_leaves_out_the_late_steps() -> None:
+    """Asynchronous requests: the plan for ticks the new chunk will arrive too late for is left out, and
+    ``reference_start`` tells the selector which chunk step the plan starts at."""
+    from robots.chunking import ActionSchedule
+    from robots.deploy import plan_reference
+
+    schedule = ActionSchedule(0)
+    schedule.add(np.arange(8, dtype=float)[:, None] * np.ones((1, 3)), 0, 0)
+    policy = type("P", (), {"chunk_size": 8, "takes_reference": True, "takes_reference_start": True})()
+    cfg = DeployConfig(selector="coherence", num_samples=4)
+    now = plan_reference(schedule, 2, policy, cfg)
+    assert "reference_start" not in now and np.allclose(now["reference"][:, 0], [2, 3, 4, 5, 6, 7])
+    late = plan_reference(schedule, 2, policy, cfg, late=2)
+    assert late["reference_start"] == 2 and np.allclose(late["reference"][:, 0], [4, 5, 6, 7])
+    assert plan_reference(schedule, 2, policy, cfg, late=6) == {}  # nothing planned that will execute
+    assert plan_reference(schedule, 2, policy, DeployConfig(), late=1) == {}  # no selector, no plan
+    policy.takes_reference_start = False  # an older policy / server: the whole plan, from step 0
+    assert "reference_start" not in plan_reference(schedule, 2, policy, cfg, late=2)
+
+
 def test_synchronous_loop_with_safety_limits(ckpt: Path) -> None:
     robot = _mock()
     cfg = DeployConfig(fps=50, max_steps=12, asynchronous=False, task="push the red block",

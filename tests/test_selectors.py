@@ -127,6 +127,21 @@ def test_coherence_keeps_the_current_plan_between_two_modes() -> None:
     two = torch.zeros(1, 2, 2, 1)
     two[0, 0, 0], two[0, 1, 1] = 1.0, 1.0  # candidate 0 deviates at step 0, candidate 1 at step 1
     assert int(make_selector("coherence", decay=0.5).select(two, reference=torch.zeros(1, 2, 1))[1].argmax()) == 1
+    # reference_start: the plan is for steps 1.. (step 0 will be late): only step 1 is compared, with full weight.
+    late = make_selector("coherence", decay=0.5).select(two, reference=torch.zeros(1, 1, 1), reference_start=1)[1]
+    assert int(late.argmax()) == 0
+
+
+def test_coherence_compares_the_reference_from_its_start_step() -> None:
+    """``reference_start=s``: the reference is the plan for steps s.., so a candidate agreeing with it there
+    wins even if another agrees with it at steps 0.. (what the plan would be without the shift)."""
+    cands = torch.zeros(1, 2, H, A)
+    ref = torch.ones(1, 2, A)
+    cands[0, 0, 2:4] = 1.0  # candidate 0 follows the plan at steps 2, 3
+    cands[0, 1, 0:2] = 1.0  # candidate 1 has the same values at steps 0, 1
+    sel = make_selector("coherence", weight=10.0)
+    assert int(sel.select(cands, reference=ref)[1].argmax()) == 1
+    assert int(sel.select(cands, reference=ref, reference_start=2)[1].argmax()) == 0
 
 
 def test_coherence_bad_reference_and_config() -> None:
@@ -136,6 +151,11 @@ def test_coherence_bad_reference_and_config() -> None:
             make_selector("coherence").select(cands, reference=bad)
     with pytest.raises(ValueError, match="reference has NaN"):
         make_selector("coherence").select(cands, reference=torch.full((2, 2, A), float("nan")))
+    with pytest.raises(ValueError, match=r"reference must be \(2, H', 3\) with 1 <= H' <= 1 .* from step 3"):
+        make_selector("coherence").select(cands, reference=torch.zeros(2, 2, A), reference_start=3)
+    for start in (-1, H, 1.5):
+        with pytest.raises(ValueError, match=r"reference_start must be an int in \[0, 4\)"):
+            make_selector("coherence").select(cands, reference=torch.zeros(2, 1, A), reference_start=start)
     with pytest.raises(ValueError, match="decay=0"):
         make_selector("coherence", decay=0.0)
     assert make_selector("coherence", weight=2.0).config().weight == 2.0

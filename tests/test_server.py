@@ -154,6 +154,16 @@ def test_samples_and_selector_pass_through(url: str) -> None:
             client.infer(_obs(), num_samples=3, selector="coherence", reference=np.full((2, 3), np.nan))
         with pytest.raises(ServerError, match="reference: .*send a selector"):
             client.infer(_obs(), reference=committed)
+        # An asynchronous client's plan starts after the steps that will be late.
+        assert client.metadata["supports"]["reference_start"]
+        assert client.infer(_obs(), num_samples=3, selector="coherence", reference=committed,
+                            reference_start=1).actions.shape == (4, 3)
+        with pytest.raises(ServerError, match="reference_start: expected a non-negative integer"):
+            client.infer(_obs(), num_samples=3, selector="coherence", reference=committed, reference_start=-1)
+        with pytest.raises(ServerError, match=r"reference_start must be an int in \[0, 4\)"):
+            client.infer(_obs(), num_samples=3, selector="coherence", reference=committed, reference_start=4)
+        with pytest.raises(ServerError, match="reference_start: only with a reference"):
+            client.infer(_obs(), num_samples=3, selector="coherence", reference_start=1)
 
 
 def _raw(client: PolicyClient, frame) -> dict:

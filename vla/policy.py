@@ -69,7 +69,7 @@ class VLAPolicy(nn.Module):
     def predict_action_chunk(self, raw_obs: Mapping[str, Any], num_samples: int = 1,
                              generator: torch.Generator | None = None, selector: Any = None,
                              inpaint: Any = None, inpaint_weights: Any = None,
-                             max_guidance: float = 5.0, reference: Any = None) -> np.ndarray:
+                             max_guidance: float = 5.0, reference: Any = None, reference_start: int = 0) -> np.ndarray:
         """LeRobot-keyed observation -> unnormalized chunk.
 
         Unbatched input (state of shape (S,)) gives (H, A); batched input (B, S) gives (B, H, A);
@@ -86,7 +86,9 @@ class VLAPolicy(nn.Module):
         RTC's soft mask). Flow-matching heads only.
 
         ``reference`` (H', A) or (B, H', A) raw actions: what the previous chunk still plans for this
-        chunk's first H' ticks, for selectors that prefer agreeing with it (``coherence``); needs a selector.
+        chunk's ticks ``reference_start .. reference_start + H' - 1`` (0 = the observation's tick; an
+        asynchronous client skips the ticks that will have passed when the chunk arrives), for selectors
+        that prefer agreeing with it (``coherence``); needs a selector.
         """
         pre = self._pre()
         was_training = self.training
@@ -104,7 +106,8 @@ class VLAPolicy(nn.Module):
                 from policies.selectors import sample_and_select
 
                 ref = None if reference is None else self._normalized_actions(reference, obs.batch_size, "reference")
-                chunk, scores = sample_and_select(self, obs, num_samples, selector, generator, reference=ref, **kw)
+                chunk, scores = sample_and_select(self, obs, num_samples, selector, generator, reference=ref,
+                                                  reference_start=reference_start, **kw)
                 self.last_scores = scores.cpu().numpy()
                 chunks = chunk[:, None]
             out = pre.unnormalize_actions(chunks.float()).cpu().numpy()

@@ -82,11 +82,13 @@ class ChunkSelector:
         raise NotImplementedError(f"{type(self).__name__}.score")
 
     def select(self, candidates: Tensor, *, obs: Observation | None = None, prefix: Prefix | None = None,
-               features: Tensor | None = None, reference: Tensor | None = None) -> tuple[Tensor, Tensor]:
+               features: Tensor | None = None, reference: Tensor | None = None,
+               reference_start: int = 0) -> tuple[Tensor, Tensor]:
         """candidates (B, N, H, A) -> (chunk (B, H, A), scores (B, N)); chunk[b] = candidates[b, argmax scores[b]].
 
-        ``reference`` (B, H', A), H' <= H: the actions still planned from the previous chunk for the
-        candidates' first H' steps (selectors with ``needs_reference`` use it; others ignore it).
+        ``reference`` (B, H', A): the actions still planned from the previous chunk for the candidates' steps
+        ``reference_start .. reference_start + H' - 1`` (<= H) (selectors with ``needs_reference`` use it;
+        others ignore it). An asynchronous client starts it after the steps that will be late anyway.
         A candidate with a non-finite value is never chosen (its score becomes -inf); if every candidate
         of an observation is non-finite this raises instead of handing NaN to a robot.
         """
@@ -96,8 +98,8 @@ class ChunkSelector:
         kw: dict[str, Any] = {}
         if self.needs_reference:
             if reference is not None:
-                check_reference(reference, candidates, self.name)
-            kw["reference"] = reference
+                check_reference(reference, candidates, self.name, reference_start)
+            kw["reference"], kw["reference_start"] = reference, reference_start
         scores = self.score(candidates, obs=obs, prefix=prefix, features=features, **kw).float()
         b, n = candidates.shape[:2]
         if tuple(scores.shape) != (b, n):
@@ -169,14 +171,16 @@ def check_features(features: Any, candidates: Tensor, who: str) -> None:
         raise ValueError(f"selector {who!r}: features must be ({b}, {n}, T, W) like the candidates, got {shape}")
 
 
-def check_reference(reference: Any, candidates: Tensor, who: str) -> None:
+def check_reference(reference: Any, candidates: Tensor, who: str, start: int = 0) -> None:
     b, _, h, a = candidates.shape
+    if not isinstance(start, int) or isinstance(start, bool) or not 0 <= start < h:
+        raise ValueError(f"selector {who!r}: reference_start must be an int in [0, {h}), got {start!r}")
     ok = (isinstance(reference, Tensor) and reference.ndim == 3 and reference.shape[0] == b
-          and 1 <= reference.shape[1] <= h and reference.shape[2] == a)
+          and 1 <= reference.shape[1] <= h - start and reference.shape[2] == a)
     if not ok:
         shape = tuple(reference.shape) if hasattr(reference, "shape") else type(reference).__name__
-        raise ValueError(f"selector {who!r}: reference must be ({b}, H', {a}) with 1 <= H' <= {h} "
-                         f"(the previous chunk's remaining actions), got {shape}")
+        raise ValueError(f"selector {who!r}: reference must be ({b}, H', {a}) with 1 <= H' <= {h - start} "
+                         f"(the previous chunk's remaining actions from step {start}), got {shape}")
     if not bool(torch.isfinite(reference).all()):
         raise ValueError(f"selector {who!r}: reference has NaN/inf values")
 
@@ -217,7 +221,7 @@ def resolve_selector(spec: Any, policy: Any = None) -> ChunkSelector:
 @torch.no_grad()
 def sample_and_select(policy: Any, obs: Observation, num_samples: int, selector: Any,
                       generator: torch.Generator | None = None, reference: Tensor | None = None,
-                      **head_kw: Any) -> tuple[Tensor, Tensor]:
+                      reference_start: int = 0, **head_kw: Any) -> tuple[Tensor, Tensor]:
     """ONE backbone pass, ``num_samples`` candidates from the head, the selector's choice.
 
     -> chunk (B, H, A) normalized, scores (B, N). This is what ``VLAPolicy.predict_action_chunk(raw,
@@ -232,4 +236,5 @@ def sample_and_select(policy: Any, obs: Observation, num_samples: int, selector:
         candidates, features = policy.head.sample(policy.backbone, prefix, return_features=True, **kw)
     else:
         candidates, features = policy.head.sample(policy.backbone, prefix, **kw), None
-    return sel.select(candidates, obs=obs, prefix=prefix, features=features, reference=reference)
+    return sel.select(candidates, obs=obs, prefix=prefix, features=features, reference=reference,
+                      reference_start=reference_start)

@@ -68,9 +68,10 @@ class ConsistencySelector(ChunkSelector):
 class CoherenceSelector(ChunkSelector):
     """BID-style: score = -(medoid distance + ``weight`` x backward distance to the reference plan).
 
-    Backward distance: the L2 distance between a candidate's first H' steps and ``reference`` (B, H', A),
-    the previous chunk's actions for those same control ticks, step t weighted by ``decay ** t`` (the
-    near future matters most: it is what the robot would execute next under the old plan). Without a
+    Backward distance: the L2 distance between a candidate's steps ``s .. s + H' - 1`` and ``reference``
+    (B, H', A), the previous chunk's actions for those same control ticks (``s = reference_start``: 0, or
+    the steps an asynchronous client will drop as late), the i-th compared step weighted by ``decay ** i``
+    (the near future matters most: it is what the robot would execute next under the old plan). Without a
     reference (an episode's first chunk) this is the medoid.
     """
 
@@ -84,12 +85,12 @@ class CoherenceSelector(ChunkSelector):
         self.weight, self.decay = float(weight), float(decay)
 
     def score(self, candidates: Tensor, *, obs: Observation | None, prefix: Prefix | None,
-              features: Tensor | None, reference: Tensor | None = None) -> Tensor:
+              features: Tensor | None, reference: Tensor | None = None, reference_start: int = 0) -> Tensor:
         dist = medoid_distance(candidates, prefix)
         if reference is None or self.weight == 0:
             return -dist
-        k = reference.shape[1]
-        diff = _real_dims(candidates[:, :, :k], prefix) - _real_dims(reference, prefix)[:, None]  # (B, N, H', A)
+        s, k = reference_start, reference.shape[1]
+        diff = _real_dims(candidates[:, :, s:s + k], prefix) - _real_dims(reference, prefix)[:, None]  # (B, N, H', A)
         w = self.decay ** torch.arange(k, device=candidates.device, dtype=diff.dtype)  # (H',)
         backward = (diff.pow(2).sum(-1) * w).sum(-1).sqrt()  # (B, N)
         return -(dist + self.weight * backward)
