@@ -339,6 +339,11 @@ def test_world_model_selector_with_a_saved_world_model(checkpoint, tmp_path: Pat
     assert policy.last_scores.shape == (1, 5) and np.isfinite(policy.last_scores).all()
     with pytest.raises(FileNotFoundError, match="not a world model"):
         make_selector("world_model", policy, path=str(tmp_path))
+    import shutil  # a copy of the checkpoint (e.g. for evaluation) is still recognized as the encoder
+
+    shutil.copytree(ckpt, tmp_path / "copy")
+    copied = VLAPolicy.from_pretrained(tmp_path / "copy")
+    assert make_selector("world_model", copied, path=str(tmp_path / "wm")).use_prefix
 
 
 class _SelectingPolicy:

@@ -326,12 +326,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         policy: Any = ScriptedExpertPolicy
     else:
         policy = args.policy
+    commit = git_commit()  # the code the workers load now, not whatever is checked out when they finish
     results = evaluate(policy, args.tasks, args.episodes, args.seed, args.workers, args.max_steps,
                        args.n_action_steps, args.out / "videos", args.videos_per_task,
                        tuple(c for c in args.cameras.split(",") if c) if args.cameras else None,
                        args.image_size, args.device,
                        not args.no_progress, args.num_samples, _selector_spec(args), overrides)
-    results["commit"] = git_commit()
+    results["commit"] = commit
     paths = write_report(results, args.out)
     width = max(len(t) for t in results["tasks"])
     for task, r in results["tasks"].items():

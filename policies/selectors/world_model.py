@@ -46,6 +46,20 @@ class WorldModelSelector(ChunkSelector):
         return WorldModelConfig(path=self.path)
 
 
+def _same_checkpoint(a: Any, b: Any) -> bool:
+    """Two checkpoint folders hold the same policy: the same path, or byte-identical weights files."""
+    import filecmp
+    from pathlib import Path
+
+    from vla.policy import WEIGHTS_NAME
+
+    a, b = Path(a).resolve(), Path(b).resolve()
+    if a == b:
+        return True
+    wa, wb = a / WEIGHTS_NAME, b / WEIGHTS_NAME
+    return wa.is_file() and wb.is_file() and filecmp.cmp(wa, wb, shallow=False)
+
+
 @SelectorConfig.register_subclass("world_model")
 @dataclass
 class WorldModelConfig(SelectorConfig):
@@ -64,11 +78,12 @@ class WorldModelConfig(SelectorConfig):
         if not (folder / WM_CONFIG_NAME).is_file():
             raise FileNotFoundError(f"selector 'world_model': {folder} is not a world model (no {WM_CONFIG_NAME}); "
                                     "train one with `vla post-train world-model`")
-        # When the world model's frozen encoder is this very policy checkpoint, reuse the policy (one copy in
-        # memory) and its prefix (one backbone pass for candidates and rewards).
+        # When the world model's frozen encoder is this very policy checkpoint — the same folder, or a copy with
+        # the same weights file — reuse the policy (one copy in memory) and its prefix (one backbone pass for
+        # candidates and rewards).
         enc = json.loads((folder / WM_CONFIG_NAME).read_text()).get("encoder")
         mine = getattr(policy, "selector_dir", None)
-        same = enc is not None and mine is not None and (folder / enc).resolve() == Path(mine).parent.resolve()
+        same = enc is not None and mine is not None and _same_checkpoint(folder / enc, Path(mine).parent)
         wm = WorldModel.from_pretrained(folder, device=getattr(policy, "device", "cpu"),
                                         encoder=policy if same else None)
         return WorldModelSelector(wm, path=self.path, use_prefix=same)
