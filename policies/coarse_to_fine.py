@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from action_tokenizers.base import TokenizerConfig
 from action_tokenizers.msvq import MSVQConfig
-from policies.token_head import TokenHead, check_greedy
+from policies.token_head import TokenHead, check_decoding
 from vla.backbones.base import Backbone
 from vla.config import HeadConfig, PolicyConfig
 from vla.types import Prefix
@@ -73,7 +73,7 @@ class CoarseToFineHead(TokenHead):
                              f"got {cfg.tokenizer.type!r}")
         super().__init__(cfg.tokenizer, cfg.tokenizer_path, chunk_size, action_dim, state_dim, backbone.hidden_size)
         self.cfg = cfg
-        check_greedy(cfg.greedy, self.tokenizer, per_position=False)
+        check_decoding(cfg, self.tokenizer, per_position=False)
         self.scales = list(cfg.tokenizer.scales)
         d = backbone.hidden_size
         self.latent_in = nn.Linear(cfg.tokenizer.latent_dim, d)

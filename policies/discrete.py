@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from action_tokenizers.base import TokenizerConfig
-from policies.token_head import TokenHead, check_greedy
+from policies.token_head import TokenHead, check_decoding
 from vla.backbones.base import Backbone
 from vla.config import HeadConfig, PolicyConfig
 from vla.types import Prefix
@@ -71,7 +71,7 @@ class DiscreteHead(TokenHead):
         super().__init__(cfg.tokenizer, cfg.tokenizer_path, chunk_size, action_dim, state_dim, backbone.hidden_size)
         self.cfg = cfg
         self.variable = not self.tokenizer.fixed_length
-        check_greedy(cfg.greedy, self.tokenizer, per_position=True)
+        check_decoding(cfg, self.tokenizer, per_position=True)
         if self.variable and cfg.decoding == "parallel":
             raise ValueError(f"head.decoding='parallel' needs a fixed-length tokenizer; {cfg.tokenizer.type!r} "
                              "codes vary in length: use decoding='autoregressive'")

@@ -69,6 +69,8 @@ class FlowMatchingHead(ActionHead):
             # The expert rotates its queries with plain RoPE; scaled RoPE keys in the cache would not match.
             raise ValueError(f"flow_matching: the backbone's rope_type {spec.rope_type!r} is not supported; "
                              "supported: default, mrope")
+        if not isinstance(cfg.num_steps, int) or cfg.num_steps < 1:
+            raise ValueError(f"head.num_steps: expected an int >= 1 (Euler steps), received {cfg.num_steps!r}")
         self.cfg, self.chunk_size, self.action_dim = cfg, chunk_size, action_dim
         w = cfg.width
         self.blocks = nn.ModuleList(
@@ -174,6 +176,9 @@ class FlowMatchingHead(ActionHead):
         x_t may hold N candidates per context row, (B*N, H, A) candidate-major: they then share the
         context (``candidate_context``; pass it as ``candidates`` to prepare it once per chunk)."""
         if candidates is None:
+            if x_t.shape[0] < ctx.batch_size or x_t.shape[0] % ctx.batch_size:
+                raise ValueError(f"flow_matching: {x_t.shape[0]} action rows do not split into N >= 1 candidates for "
+                                 f"each of the context's {ctx.batch_size} rows")
             candidates = self.candidate_context(ctx, x_t.shape[0] // ctx.batch_size)
         out = self.run_candidates(self.embed_actions(x_t, t), candidates)
         v = self.action_out(out)

@@ -19,6 +19,7 @@ log-likelihood of the chunk's code sequence, which is what discrete DPO needs.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,13 +59,22 @@ def length_bound(cfg: TokenizerConfig, chunk_size: int, max_action_dim: int) -> 
 GREEDY = ("argmax", "expected")
 
 
-def check_greedy(greedy: str, tokenizer: ActionTokenizer, per_position: bool) -> None:
-    """Validate ``head.greedy``; ``per_position``: the head decodes 'expected' through ``code_values``."""
+def check_decoding(cfg: Any, tokenizer: ActionTokenizer, per_position: bool) -> None:
+    """Validate a token head's execution settings (they can be changed at load time: ``overrides``):
+    ``temperature`` >= 0, ``top_k`` >= 0, ``greedy`` in GREEDY; ``per_position``: the head decodes
+    'expected' through ``code_values``."""
+    if not cfg.temperature >= 0:
+        raise ValueError(f"head.temperature: expected >= 0 (0 = greedy), received {cfg.temperature!r}")
+    if not isinstance(cfg.top_k, int) or cfg.top_k < 0:
+        raise ValueError(f"head.top_k: expected an int >= 0 (0 = the whole vocabulary), received {cfg.top_k!r}")
+    greedy = cfg.greedy
     if greedy not in GREEDY:
         raise ValueError(f"head.greedy: expected one of {GREEDY}, got {greedy!r}")
-    if greedy == "expected" and per_position and type(tokenizer).code_values is ActionTokenizer.code_values:
+    joint = bool(getattr(tokenizer.config, "spherical_dims", None))  # adaptive_grid's joint xyz token
+    if greedy == "expected" and per_position and (type(tokenizer).code_values is ActionTokenizer.code_values or joint):
+        what = "the spherical grid's joint token" if joint else repr(tokenizer.config.type)
         raise ValueError(f"head.greedy='expected' needs a tokenizer whose codes decode one value per position "
-                         f"(uniform, adaptive_grid); {tokenizer.config.type!r} does not: use greedy='argmax'")
+                         f"(uniform, adaptive_grid without spherical_dims); {what} does not: use greedy='argmax'")
 
 
 class TokenHead(ActionHead):

@@ -87,7 +87,7 @@ def test_fresh_timm_backbone_keeps_batchnorm_statistics() -> None:
     assert all(not m.training for m in bns)
 
 
-def test_from_pretrained_overrides_execution_settings(tmp_path) -> None:
+def test_from_pretrained_overrides_execution_settings(tmp_path, caplog) -> None:
     """``overrides`` change execution settings of a saved policy without retraining; a field the config
     does not have is an error that names it."""
     backbone = next(v for k, v in BACKBONES.items() if k.startswith("timm_lm"))
@@ -108,6 +108,18 @@ def test_from_pretrained_overrides_execution_settings(tmp_path) -> None:
         main(["--policy", str(tmp_path / "ckpt"), "--head.num_steps=2"])
     with pytest.raises(ValueError, match="does not parse"):
         VLAPolicy.from_pretrained(tmp_path / "ckpt", overrides=["--head.num_steps=many"])
+    with pytest.raises(ValueError, match=r"head.num_steps: expected an int >= 1"):  # noise must not reach a robot
+        VLAPolicy.from_pretrained(tmp_path / "ckpt", overrides=["--head.num_steps=0"])
+    import logging
+
+    with caplog.at_level(logging.WARNING):  # allowed, but the weights were trained with the saved value
+        VLAPolicy.from_pretrained(tmp_path / "ckpt", overrides=["--head.max_period=8.0"])
+    assert "not an execution setting" in caplog.text
+    with pytest.raises(ValueError, match="does not parse"):
+        evaluate(str(tmp_path / "ckpt"), ["reach"], episodes_per_task=1, workers=1, progress=False,
+                 policy_overrides=["--head.num_steps=many"])
+    with pytest.raises(SystemExit):
+        main(["--policy", "expert", "--policy.head.num_steps=2"])
     from robots.server import main as serve_main
 
     with pytest.raises(SystemExit):  # vla serve: the same rule, before anything is loaded

@@ -2,6 +2,7 @@
 transformers), sampling reuses the prefix, and time/noise handling is what pi0 does."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -228,3 +229,11 @@ def test_action_time_embedding_matches_pi0_concatenation() -> None:
     te = sincos_embedding(t, head.cfg.width, head.cfg.min_period, head.cfg.max_period)
     ref = head.time_mlp_out(F.silu(head.time_mlp_in(torch.cat([a, te[:, None].expand_as(a)], -1))))
     assert torch.allclose(head.embed_actions(x, t), ref, atol=1e-6)
+
+
+def test_velocity_rejects_rows_that_are_not_whole_candidate_sets() -> None:
+    policy = _policy().float().eval()
+    ctx = policy.head.with_state(policy.encode(random_observation(policy, batch=2)))
+    x = torch.randn(3, policy.config.chunk_size, policy.config.max_action_dim)
+    with pytest.raises(ValueError, match="3 action rows do not split into N >= 1 candidates"):
+        policy.head.velocity(ctx, x, torch.rand(3))

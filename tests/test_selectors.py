@@ -132,6 +132,24 @@ def test_coherence_keeps_the_current_plan_between_two_modes() -> None:
     assert int(late.argmax()) == 0
 
 
+def test_a_reference_selector_without_reference_start_still_works() -> None:
+    """A plugin selector written before ``reference_start`` existed gets the plan as before; a plan that
+    starts later is an error it would otherwise misread."""
+    from policies.selectors.base import ChunkSelector
+
+    class Older(ChunkSelector):
+        name, needs_reference = "older", True
+
+        def score(self, candidates, *, obs, prefix, features, reference=None):
+            return -candidates.flatten(2).abs().sum(-1)
+
+    cands = torch.zeros(1, 2, H, A)
+    cands[0, 0] = 1.0
+    assert int(Older().select(cands, reference=torch.zeros(1, 2, A))[1].argmax()) == 1
+    with pytest.raises(ValueError, match="takes no reference_start"):
+        Older().select(cands, reference=torch.zeros(1, 2, A), reference_start=1)
+
+
 def test_coherence_compares_the_reference_from_its_start_step() -> None:
     """``reference_start=s``: the reference is the plan for steps s.., so a candidate agreeing with it there
     wins even if another agrees with it at steps 0.. (what the plan would be without the shift)."""
@@ -296,6 +314,8 @@ def test_post_train_cfn_saves_with_policy_and_selects(checkpoint, tmp_path: Path
         assert np.allclose(picked, allc[j], atol=1e-5), j
     with pytest.raises(ValueError, match="reference: .*pass a selector"):
         policy.predict_action_chunk(raw, reference=allc[0][:3])
+    with pytest.raises(ValueError, match="reference_start=1: only with a reference"):
+        policy.predict_action_chunk(raw, num_samples=2, selector="coherence", reference_start=1)
     with pytest.raises(ValueError, match=r"reference: expected \(H', 3\)"):
         policy.predict_action_chunk(raw, num_samples=2, selector="coherence", reference=allc[0][:, :2])
 

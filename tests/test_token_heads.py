@@ -289,9 +289,12 @@ def test_expected_greedy_config_errors() -> None:
         _policy(DiscreteConfig(tokenizer=_tok("fast"), greedy="expected"))
     cfg = copy.deepcopy(HEADS["ar_spherical"])
     cfg.greedy = "expected"
-    policy = _policy(cfg)  # the adaptive grid can, until its spherical joint token is fitted
-    with pytest.raises(ValueError, match="per-position code values"):
-        policy.head.sample(policy.backbone, policy.encode(random_observation(policy, batch=1)), temperature=0)
+    with pytest.raises(ValueError, match="spherical grid's joint token"):
+        _policy(cfg)
+    with pytest.raises(ValueError, match="head.top_k: expected an int >= 0"):
+        _policy(DiscreteConfig(tokenizer=_tok("uniform"), top_k=-1))
+    with pytest.raises(ValueError, match="head.temperature: expected >= 0"):
+        _policy(CoarseToFineConfig(tokenizer=_tok("msvq"), temperature=-0.5))
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))

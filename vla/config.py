@@ -275,9 +275,18 @@ def policy_overrides(extra: Sequence[str]) -> list[str]:
     return ["--" + a[len("--policy."):] for a in extra]
 
 
+# Fields of a trained policy's config that change how it acts but not what it learned: overriding them
+# at load time is what the overrides are for. Any other field is allowed (experiments) with a warning.
+EXECUTION_FIELDS = ("head.temperature", "head.top_k", "head.greedy", "head.num_steps", "head.max_resample",
+                    "head.resample_temperature", "head.constrain_length", "n_action_steps")
+
+
 def check_override_fields(cfg: Any, args: Sequence[str]) -> None:
     """Each ``--a.b=value`` in ``args`` must name a field path of the config instance ``cfg``; else a
-    ValueError naming the override and listing the fields where the path went wrong."""
+    ValueError naming the override and listing the fields where the path went wrong. A field outside
+    ``EXECUTION_FIELDS`` is logged as a warning: the weights were trained with the saved value."""
+    import logging
+
     for a in args:
         m = re.match(r"--([\w.]+)=(.*)$", a, re.S)
         if not m:
@@ -289,6 +298,10 @@ def check_override_fields(cfg: Any, args: Sequence[str]) -> None:
                 raise ValueError(f"override {a!r}: {type(node).__name__} has no field {part!r}; "
                                  f"its fields: {', '.join(names) or 'none (not a config section)'}")
             node = getattr(node, part)
+        if m.group(1) not in EXECUTION_FIELDS:
+            logging.getLogger(__name__).warning(
+                "override %s: %s is not an execution setting (%s); the weights were trained with the saved value",
+                a, m.group(1), ", ".join(EXECUTION_FIELDS))
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

@@ -32,11 +32,11 @@ class RopeTable(NamedTuple):
     """cos and sign-folded sin (B, 1, T, D) fp32 of :func:`rope` for fixed positions: computed once, reused by
     every layer (and by every Euler step of a flow head, whose action positions do not change).
 
-    ``sin`` has its first half negated, so that rotate-half is a swap of the halves and the rotation is
+    ``sin_folded`` is sin with its first half negated, so that rotate-half is a swap of the halves and the rotation is
     one fused multiply-add (``rope``): 3 elementwise kernels per call instead of 6."""
 
     cos: Tensor
-    sin: Tensor
+    sin_folded: Tensor
 
 
 def rope_table(positions: Tensor, head_dim: int, theta: float) -> RopeTable:
@@ -55,7 +55,7 @@ def rope(x: Tensor, positions: Tensor | RopeTable, theta: float) -> Tensor:
     """
     d = x.shape[-1]
     table = positions if isinstance(positions, RopeTable) else rope_table(positions, d, theta)
-    cos, sin = table.cos.to(x.dtype), table.sin.to(x.dtype)
+    cos, sin = table.cos.to(x.dtype), table.sin_folded.to(x.dtype)
     # x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] and the sign folded into sin. Built
     # from the concatenation, so the result is contiguous (B, heads, T, D) even when x is a transposed
     # projection: the matmuls that read it (cascade attention) then need no copies.
@@ -96,9 +96,10 @@ def attend_shared_prefix(
     b, h, nt, d = q.shape
     kvh, p, n = prefix_k.shape[1], prefix_k.shape[2], num_candidates
     t, g = nt // max(n, 1), h // kvh
-    if nt != n * t or h != g * kvh or k.shape[2] != nt:
+    if n < 1 or nt != n * t or h != g * kvh or k.shape != v.shape or k.shape[2] != nt or prefix_v.shape != prefix_k.shape:
         raise ValueError(f"attend_shared_prefix: {nt} query tokens are not {n} candidates of equal length with "
-                         f"{k.shape[2]} own keys, or {h} heads not a multiple of {kvh} kv heads")
+                         f"{k.shape[2]} own keys (k {tuple(k.shape)}, v {tuple(v.shape)}, prefix k "
+                         f"{tuple(prefix_k.shape)}, v {tuple(prefix_v.shape)}), or {h} heads not a multiple of {kvh}")
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax in fp32 even for bf16 inputs (fp64 for fp64)
     q = q * d ** -0.5  # scaled once, on the smaller side of both score matmuls
     # Query head i uses kv head i // g (as repeat_interleave in `attend`): the g heads of a group, the N

@@ -97,6 +97,8 @@ class VLAPolicy(nn.Module):
             obs = pre.observation(raw_obs, train=False).to(self.device)
             kw = {} if inpaint is None else {
                 "guide": self._inpaint_guide(inpaint, inpaint_weights, obs.batch_size, max_guidance)}
+            if reference is None and reference_start:
+                raise ValueError(f"reference_start={reference_start}: only with a reference (the plan it positions)")
             if selector is None:
                 if reference is not None:
                     raise ValueError("reference: the previous plan is only used to choose among candidates; "

@@ -99,7 +99,14 @@ class ChunkSelector:
         if self.needs_reference:
             if reference is not None:
                 check_reference(reference, candidates, self.name, reference_start)
-            kw["reference"], kw["reference_start"] = reference, reference_start
+            kw["reference"] = reference
+            from policies.broker import accepts_keyword  # a selector written before reference_start existed
+
+            if accepts_keyword(self.score, "reference_start"):
+                kw["reference_start"] = reference_start
+            elif reference is not None and reference_start:
+                raise ValueError(f"selector {self.name!r}: its score() takes no reference_start, so it cannot compare a "
+                                 f"plan that starts at step {reference_start}; pass the plan from step 0")
         scores = self.score(candidates, obs=obs, prefix=prefix, features=features, **kw).float()
         b, n = candidates.shape[:2]
         if tuple(scores.shape) != (b, n):

@@ -47,17 +47,25 @@ class WorldModelSelector(ChunkSelector):
 
 
 def _same_checkpoint(a: Any, b: Any) -> bool:
-    """Two checkpoint folders hold the same policy: the same path, or byte-identical weights files."""
+    """Two checkpoint folders encode observations alike: the same path, or byte-identical weights and
+    preprocessor files and the same backbone, cameras, image size and prompt length in their configs."""
     import filecmp
+    import json
     from pathlib import Path
 
-    from vla.policy import WEIGHTS_NAME
+    from vla.policy import CONFIG_NAME, PREPROCESSOR_NAME, WEIGHTS_NAME
 
     a, b = Path(a).resolve(), Path(b).resolve()
     if a == b:
         return True
-    wa, wb = a / WEIGHTS_NAME, b / WEIGHTS_NAME
-    return wa.is_file() and wb.is_file() and filecmp.cmp(wa, wb, shallow=False)
+    for name in (WEIGHTS_NAME, PREPROCESSOR_NAME, CONFIG_NAME):
+        if not ((a / name).is_file() and (b / name).is_file()):
+            return False
+    if not all(filecmp.cmp(a / n, b / n, shallow=False) for n in (WEIGHTS_NAME, PREPROCESSOR_NAME)):
+        return False
+    keys = ("backbone", "cameras", "image_size", "max_prompt_len")
+    ca, cb = (json.loads((x / CONFIG_NAME).read_text()) for x in (a, b))
+    return all(ca.get(k) == cb.get(k) for k in keys)
 
 
 @SelectorConfig.register_subclass("world_model")
