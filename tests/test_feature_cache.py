@@ -92,3 +92,49 @@ def test_pretrain_takes_the_metaworld_preset_without_the_train_only_options() ->
     assert (cfg.cache_features, cfg.ema_decay, cfg.steps) == (0, 0.0, 5)
     cfg, _ = parse_args(["--preset=metaworld", "--cache_features=2"])  # explicit: kept, and refused by pretrain
     assert cfg.cache_features == 2
+
+
+def test_cache_dir_stores_once_and_loads_by_key(tmp_path: Path, synthetic: Path, monkeypatch) -> None:
+    """``cache_dir``: the first build writes the cache under its key; the same key loads it without encoding a
+    frame (equal tensors); anything the features depend on (views, seed, encoder weights) gives another key,
+    the head does not."""
+    from vla.data.feature_cache import cache_key
+
+    cfg, dataset, policy = _setup(tmp_path, synthetic, "--cache_features=2", "--dataset.crop_scale=0.8")
+    kw = dict(views=2, seed=0, batch_size=8, cache_dir=tmp_path / "cache")
+    first = build_feature_cache(dataset, policy.preprocessor, policy.backbone, **kw)
+    files = list((tmp_path / "cache").glob("features-*.pt"))
+    assert len(files) == 1 and not list((tmp_path / "cache").glob("*.tmp*"))
+    monkeypatch.setattr(policy.backbone, "encode_images", lambda *a: (_ for _ in ()).throw(AssertionError("encoded")))
+    again = build_feature_cache(dataset, policy.preprocessor, policy.backbone, **kw)
+    for slot, f in first.features.items():
+        assert torch.equal(f, again.features[slot])
+    assert torch.equal(first.state, again.state) and torch.equal(first.prompt_ids, again.prompt_ids)
+    for k, v in first.actions.items():
+        assert torch.equal(v, again.actions[k])
+
+    def key(**over):
+        args = {"views": 2, "seed": 0, "batch_size": 8, "bf16": False, "device": "cpu", **over}
+        return cache_key(dataset, policy.preprocessor, policy.backbone, **args)
+
+    base = key()
+    assert base == files[0].stem.split("-", 1)[1]
+    assert len({base, key(views=3), key(seed=1), key(batch_size=4), key(bf16=True)}) == 5
+    _, _, other_head = _setup(tmp_path, synthetic, "--cache_features=2", "--dataset.crop_scale=0.8",
+                              "--policy.head.type=discrete")
+    other_head.backbone.load_state_dict(policy.backbone.state_dict())
+    assert cache_key(dataset, other_head.preprocessor, other_head.backbone, views=2, seed=0, batch_size=8,
+                     bf16=False, device="cpu") == base  # another head shares the cache
+    with torch.no_grad():
+        next(policy.backbone.vision.parameters()).add_(1e-3)
+    assert key() != base
+
+
+def test_cache_dir_without_the_cache_is_an_error(tmp_path: Path, synthetic: Path) -> None:
+    from vla.train import train
+
+    cfg = parse_config(TrainConfig, get_preset("debug"), [
+        f"--output_dir={tmp_path}", f"--dataset.root={synthetic}", "--dataset.synthetic=false",
+        f"--cache_dir={tmp_path / 'c'}"])
+    with pytest.raises(ValueError, match="--cache_dir=.*add --cache_features=K"):
+        train(cfg)

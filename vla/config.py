@@ -132,6 +132,9 @@ class TrainConfig:
     # > 0 (needs a frozen vision encoder): encode every frame once under this many random-crop views
     # and train from memory, skipping video decoding and the encoder each step (vla/data/feature_cache.py).
     cache_features: int = 0
+    # With cache_features: keep the cache on disk in this folder, keyed by what it depends on (dataset files,
+    # preprocessing, encoder weights, views, seed, batch size, bf16); a run with the same key loads it.
+    cache_dir: str | None = None
     seed: int = 0
     num_workers: int = 0
     log_every: int = 10

@@ -95,6 +95,8 @@ def train(cfg: TrainConfig) -> Path:
                                                                or cfg.lora.enabled)):
         raise ValueError(f"--cache_features={cfg.cache_features}: expected 0 (off) or a number of views >= 1 with a "
                          "frozen vision encoder (--policy.backbone.freeze_vision=true)")
+    if cfg.cache_dir is not None and not cfg.cache_features:
+        raise ValueError(f"--cache_dir={cfg.cache_dir}: stores the feature cache, which is off; add --cache_features=K")
 
     # 2. Data and normalization statistics.
     dataset, spec, stats = build_data(cfg)
@@ -172,7 +174,7 @@ def train(cfg: TrainConfig) -> Path:
 
         cache = build_feature_cache(dataset, pre, policy.backbone, views=cfg.cache_features, seed=cfg.seed,
                                     batch_size=cfg.batch_size, num_workers=cfg.num_workers, bf16=cfg.bf16,
-                                    device=device)
+                                    device=device, cache_dir=cfg.cache_dir)
         batches = (cache.batch(indices) for indices in sampler)  # (Observation, raw action fields)
     else:
         # A private generator: creating the loader iterator must not consume the global RNG, or a

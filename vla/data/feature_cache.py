@@ -17,13 +17,22 @@ competing for the same cores + the EfficientNet forward): the cache takes the `m
 Memory: frames x K x F x h x w values — MetaWorld MT10 x 50 (40,872 frames, 112 x 8 x 8 bf16
 features) with K=4 is 2.3 GB. The model trained this way is the same model: evaluation and robots
 still run the encoder on live images.
+
+``--cache_dir=DIR`` keeps the cache on disk under a key of everything its tensors depend on (the dataset's
+files, the preprocessing that reaches the encoder, the encoder's weights and buffers, K, the seed, the
+batch size, bf16, the device type): a later run with the same key — another head on the same data, a
+resumed run — loads it in seconds instead of re-encoding for minutes.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -95,15 +104,85 @@ class FeatureCache:
         return obs, {k: v[idx] for k, v in self.actions.items()}
 
 
+CACHE_FORMAT = 1  # bump when what is stored, or how it is built, changes
+
+
+def _dataset_identity(dataset) -> dict:
+    """The dataset's folder, episode selection and every file's size and modification time."""
+    root = getattr(dataset, "root", None)
+    files = []
+    if root is not None and Path(root).is_dir():
+        for dirpath, _, names in os.walk(root):
+            for n in sorted(names):
+                st = os.stat(os.path.join(dirpath, n))
+                files.append([os.path.relpath(os.path.join(dirpath, n), root), st.st_size, st.st_mtime_ns])
+    return {"root": str(Path(root).resolve()) if root is not None else repr(dataset), "frames": len(dataset),
+            "episodes": getattr(dataset, "episodes", None), "files": sorted(files)}
+
+
+def cache_key(dataset, preprocessor, backbone, *, views: int, seed: int, batch_size: int, bf16: bool,
+              device: torch.device | str) -> str:
+    """A hex digest of everything the cached tensors depend on, and nothing else: the head (and its
+    config) is not part of it, so heads trained on the same data and encoder share one cache."""
+    from vla.config import to_dict
+
+    cfg = preprocessor.cfg
+    meta = {"format": CACHE_FORMAT, "views": views, "seed": seed, "batch_size": batch_size, "bf16": bool(bf16),
+            "device": torch.device(device).type, "torch": torch.__version__, "dataset": _dataset_identity(dataset),
+            "preprocessor": preprocessor.state_dict(), "crop_scale": preprocessor.crop_scale,
+            "policy": {k: getattr(cfg, k) for k in ("cameras", "image_size", "max_prompt_len", "max_state_dim")},
+            "backbone": to_dict(cfg.backbone)}
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
+    for name, t in sorted(backbone.vision.state_dict().items()):  # weights and BatchNorm statistics
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def save_feature_cache(cache: FeatureCache, path: Path) -> None:
+    """Write atomically (a temporary file, then a rename): a killed run never leaves half a cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(asdict(cache), tmp)
+    os.replace(tmp, path)
+
+
+def load_feature_cache(path: Path) -> FeatureCache:
+    return FeatureCache(**torch.load(path, weights_only=True))
+
+
 @torch.no_grad()
 def build_feature_cache(dataset, preprocessor, backbone, *, views: int, seed: int = 0, batch_size: int = 64,
-                        num_workers: int = 0, bf16: bool = False, device: torch.device | str = "cpu") -> FeatureCache:
-    """Decode and encode every frame of ``dataset`` (``views`` random crops each) -> :class:`FeatureCache`."""
-    from tqdm.auto import tqdm
+                        num_workers: int = 0, bf16: bool = False, device: torch.device | str = "cpu",
+                        cache_dir: str | Path | None = None) -> FeatureCache:
+    """Decode and encode every frame of ``dataset`` (``views`` random crops each) -> :class:`FeatureCache`.
 
+    ``cache_dir``: load the cache from there when one with the same :func:`cache_key` exists, else build
+    it and store it there."""
     if views < 1:
         raise ValueError(f"cache_features: expected the number of augmented views >= 1, got {views}")
     check_cacheable(backbone)
+    if cache_dir is not None:
+        key = cache_key(dataset, preprocessor, backbone, views=views, seed=seed, batch_size=batch_size, bf16=bf16,
+                        device=device)
+        path = Path(cache_dir) / f"features-{key}.pt"
+        if path.is_file():
+            t0 = time.perf_counter()
+            cache = load_feature_cache(path)
+            log.info("feature cache: loaded %s (%d frames x %d views) in %.1f s", path, len(cache), cache.num_views,
+                     time.perf_counter() - t0)
+            return cache
+        cache = _encode_all(dataset, preprocessor, backbone, views, seed, batch_size, num_workers, bf16, device)
+        save_feature_cache(cache, path)
+        log.info("feature cache: saved to %s", path)
+        return cache
+    return _encode_all(dataset, preprocessor, backbone, views, seed, batch_size, num_workers, bf16, device)
+
+
+def _encode_all(dataset, preprocessor, backbone, views: int, seed: int, batch_size: int, num_workers: int,
+                bf16: bool, device: torch.device | str) -> FeatureCache:
+    from tqdm.auto import tqdm
+
     device = torch.device(device)
     if views > 1 and preprocessor.crop_scale >= 1.0:
         log.warning("cache_features=%d with dataset.crop_scale=1: every view is the same image (use 1 view, or "
