@@ -193,6 +193,10 @@ def _encode_all(dataset, preprocessor, backbone, views: int, seed: int, batch_si
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     parts: dict[str, list] = {}
+    # The features (nearly all of the cache) go straight into their final tensors: collecting per-batch
+    # pieces and concatenating them at the end held both copies at once (2x the cache at peak).
+    features: dict[str, Tensor] = {}
+    done = 0
     was_training = backbone.training
     backbone.eval()
     t0 = time.perf_counter()
@@ -204,10 +208,14 @@ def _encode_all(dataset, preprocessor, backbone, views: int, seed: int, batch_si
         for batch in tqdm(loader, desc=f"feature cache ({views} views)", dynamic_ncols=True, mininterval=2.0):
             per_view = [preprocessor.observation(batch, train=True) for _ in range(views)]
             first = per_view[0]
+            b = first.state.shape[0]
             for slot in first.images:
                 feats = torch.stack([backbone.encode_images(o.images[slot].to(device)).cpu() for o in per_view])
-                parts.setdefault(f"f:{slot}", []).append(feats)
+                if slot not in features:  # (K, N, F, h, w), allocated once the encoder's output shape is known
+                    features[slot] = torch.empty((views, len(dataset), *feats.shape[2:]), dtype=feats.dtype)
+                features[slot][:, done:done + b] = feats
                 parts.setdefault(f"m:{slot}", []).append(first.image_masks[slot].cpu())
+            done += b
             parts.setdefault("state", []).append(first.state.cpu())
             parts.setdefault("state_mask", []).append(first.state_mask.cpu())
             right = (0, max_len - first.prompt_ids.shape[1])  # pad every batch's prompts to one width
@@ -217,13 +225,14 @@ def _encode_all(dataset, preprocessor, backbone, views: int, seed: int, batch_si
             if pad_key in batch:
                 parts.setdefault("is_pad", []).append(torch.as_tensor(batch[pad_key]))
     backbone.train(was_training)
-    slots = [k[2:] for k in parts if k.startswith("f:")]
+    if done != len(dataset):
+        raise RuntimeError(f"feature cache: the loader gave {done} frames, the dataset has {len(dataset)}")
     actions = {act_key: torch.cat(parts["action"])}
     if "is_pad" in parts:
         actions[pad_key] = torch.cat(parts["is_pad"])
     cache = FeatureCache(
-        features={s: torch.cat(parts[f"f:{s}"], dim=1) for s in slots},
-        image_masks={s: torch.cat(parts[f"m:{s}"]) for s in slots},
+        features=features,
+        image_masks={s: torch.cat(parts[f"m:{s}"]) for s in features},
         state=torch.cat(parts["state"]), state_mask=torch.cat(parts["state_mask"]),
         prompt_ids=torch.cat(parts["ids"]), prompt_mask=torch.cat(parts["pmask"]), actions=actions,
     )
