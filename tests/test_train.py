@@ -135,3 +135,18 @@ def test_init_from_checks_the_architecture(tmp_path: Path, synthetic: Path) -> N
     train(_cfg(tmp_path / "b", synthetic, "--steps=1", f"--init_from={ckpt}", "--head.num_steps=2"))
     with pytest.raises(ValueError, match=r"head.width: checkpoint 32, run 16"):
         train(_cfg(tmp_path / "c", synthetic, "--steps=1", f"--init_from={ckpt}", "--head.width=16"))
+
+
+def test_init_from_follows_the_runs_freeze_settings(tmp_path: Path, synthetic: Path) -> None:
+    """Fine-tuning with a frozen encoder from a checkpoint trained without one: the encoder must not move
+    (freeze_vision is applied when the modules are built, so it has to reach the build)."""
+    from vla.policy import VLAPolicy
+
+    ckpt = train(_cfg(tmp_path / "a", synthetic, "--steps=1", "--policy.backbone.freeze_vision=false"))
+    out = train(_cfg(tmp_path / "b", synthetic, "--steps=2", f"--init_from={ckpt}",
+                     "--policy.backbone.freeze_vision=true"))
+    before, after = VLAPolicy.from_pretrained(ckpt), VLAPolicy.from_pretrained(out)
+    assert after.config.backbone.freeze_vision
+    for (name, p), q in zip(before.backbone.vision.named_parameters(), after.backbone.vision.parameters()):
+        assert torch.equal(p, q), name
+    assert not all(torch.equal(p, q) for p, q in zip(before.head.parameters(), after.head.parameters()))

@@ -281,7 +281,9 @@ def policy_overrides(extra: Sequence[str]) -> list[str]:
 # Fields of a trained policy's config that change how it acts but not what it learned: overriding them
 # at load time is what the overrides are for. Any other field is allowed (experiments) with a warning.
 EXECUTION_FIELDS = ("head.temperature", "head.top_k", "head.greedy", "head.num_steps", "head.max_resample",
-                    "head.resample_temperature", "head.constrain_length", "n_action_steps")
+                    "head.resample_temperature", "head.constrain_length", "n_action_steps",
+                    # training-time only: which weights get gradients / start from ImageNet
+                    "backbone.freeze_vision", "backbone.freeze_language", "backbone.pretrained_vision")
 
 
 def check_override_fields(cfg: Any, args: Sequence[str]) -> None:

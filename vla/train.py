@@ -111,8 +111,11 @@ def train(cfg: TrainConfig) -> Path:
                               "--resume=true to continue that run, or choose another --output_dir")
     lora_base = (Path(cfg.init_from) if cfg.init_from else out / "lora_base") if cfg.lora.enabled else None
     if cfg.init_from:
-        policy = VLAPolicy.from_pretrained(cfg.init_from)
-        check_same_architecture(policy.config, cfg.policy, cfg.init_from)
+        saved = saved_policy_config(cfg.init_from)
+        check_same_architecture(saved, cfg.policy, cfg.init_from)
+        # Built with this run's execution settings, not the checkpoint's: `freeze_vision` decides which
+        # parameters get gradients when the modules are built, so setting the config afterwards is too late.
+        policy = VLAPolicy.from_pretrained(cfg.init_from, overrides=run_overrides(saved, cfg.policy))
         policy.config = cfg.policy  # execution settings (n_action_steps, num_steps, ...) follow this run
     elif lora_base is not None and (lora_base / "config.json").exists():
         policy = VLAPolicy.from_pretrained(lora_base)  # resuming: the frozen base exactly as saved
@@ -267,6 +270,31 @@ def _load_weights(policy: VLAPolicy, path: Path) -> None:
 # Head/backbone fields that change behaviour at run time but not the weights' shapes or meaning.
 _EXECUTION_FIELDS = {"num_steps", "freeze_vision", "freeze_language", "pretrained_vision", "temperature", "top_k",
                      "max_resample"}
+
+
+def saved_policy_config(path: str | Path) -> PolicyConfig:
+    """The PolicyConfig of a checkpoint folder (a LoRA adapter's: its base's)."""
+    from vla.config import from_dict
+    from vla.lora import ADAPTER_CONFIG_NAME, read_adapter_config
+    from vla.plugins import load_plugins
+    from vla.policy import CONFIG_NAME
+
+    path = Path(path)
+    if (path / ADAPTER_CONFIG_NAME).exists():
+        path = Path(read_adapter_config(path)[1])
+    if not (path / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"--init_from={path}: not a policy checkpoint (no {CONFIG_NAME})")
+    load_plugins()
+    return from_dict(PolicyConfig, json.loads((path / CONFIG_NAME).read_text()))
+
+
+def run_overrides(have: PolicyConfig, want: PolicyConfig) -> list[str]:
+    """``--part.field=value`` for each execution field in which this run differs from the checkpoint."""
+    out = []
+    for part in ("backbone", "head"):
+        a, b = to_dict(getattr(have, part)), to_dict(getattr(want, part))
+        out += [f"--{part}.{k}={json.dumps(b[k])}" for k in sorted(_EXECUTION_FIELDS) if k in b and a.get(k) != b.get(k)]
+    return out
 
 
 def check_same_architecture(have: PolicyConfig, want: PolicyConfig, source: str) -> None:
