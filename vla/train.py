@@ -111,12 +111,7 @@ def train(cfg: TrainConfig) -> Path:
                               "--resume=true to continue that run, or choose another --output_dir")
     lora_base = (Path(cfg.init_from) if cfg.init_from else out / "lora_base") if cfg.lora.enabled else None
     if cfg.init_from:
-        saved = saved_policy_config(cfg.init_from)
-        check_same_architecture(saved, cfg.policy, cfg.init_from)
-        # Built with this run's execution settings, not the checkpoint's: `freeze_vision` decides which
-        # parameters get gradients when the modules are built, so setting the config afterwards is too late.
-        policy = VLAPolicy.from_pretrained(cfg.init_from, overrides=run_overrides(saved, cfg.policy))
-        policy.config = cfg.policy  # execution settings (n_action_steps, num_steps, ...) follow this run
+        policy = init_policy(cfg.init_from, cfg.policy)
     elif lora_base is not None and (lora_base / "config.json").exists():
         policy = VLAPolicy.from_pretrained(lora_base)  # resuming: the frozen base exactly as saved
     else:
@@ -270,6 +265,18 @@ def _load_weights(policy: VLAPolicy, path: Path) -> None:
 # Head/backbone fields that change behaviour at run time but not the weights' shapes or meaning.
 _EXECUTION_FIELDS = {"num_steps", "freeze_vision", "freeze_language", "pretrained_vision", "temperature", "top_k",
                      "max_resample"}
+
+
+def init_policy(path: str | Path, run: PolicyConfig) -> VLAPolicy:
+    """``--init_from``: the checkpoint's weights in a policy built with this run's execution settings.
+
+    Not the checkpoint's: ``freeze_vision`` decides which parameters get gradients when the modules are
+    built, so setting the config after loading would be too late. The architecture must match."""
+    saved = saved_policy_config(path)
+    check_same_architecture(saved, run, str(path))
+    policy = VLAPolicy.from_pretrained(path, overrides=run_overrides(saved, run))
+    policy.config = run  # execution settings (n_action_steps, num_steps, ...) follow this run
+    return policy
 
 
 def saved_policy_config(path: str | Path) -> PolicyConfig:

@@ -57,7 +57,7 @@ from vla.ds_engine import (
 )
 from vla.policy import VLAPolicy
 from vla.train import (
-    check_same_architecture,
+    init_policy,
     prepare_synthetic,
     resolve_device,
     seed_everything,
@@ -154,9 +154,7 @@ def pretrain(cfg: PretrainConfig, local_rank: int | None = None) -> Path:
 
     # 2. The policy, then the mixture (its preprocessors need the backbone's tokenizer).
     if cfg.init_from:
-        policy = VLAPolicy.from_pretrained(cfg.init_from)
-        check_same_architecture(policy.config, cfg.policy, cfg.init_from)
-        policy.config = cfg.policy
+        policy = init_policy(cfg.init_from, cfg.policy)
     else:
         policy = VLAPolicy(cfg.policy)
     mix = _build_mixture(cfg, info, policy.backbone.tokenize)
