@@ -215,16 +215,7 @@ class VLAPolicy(nn.Module):
                 raise ValueError(f"overrides {list(overrides)}: not supported for a LoRA adapter checkpoint ({path}); "
                                  "override the base checkpoint's config instead")
             return load_adapter_checkpoint(path, device, embodiment)
-        if not (path / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"{path} is not a policy checkpoint: no {CONFIG_NAME} in it")
-        load_plugins()
-        config = from_dict(PolicyConfig, json.loads((path / CONFIG_NAME).read_text()))
-        if overrides:
-            check_override_fields(config, overrides)
-            try:
-                config = parse_config(PolicyConfig, config, list(overrides), aliases=False)
-            except (SystemExit, Exception) as e:  # draccus: DecodingError, or argparse's exit
-                raise ValueError(f"overrides {list(overrides)}: a value does not parse: {e}") from e
+        config = load_policy_config(path, overrides)
         policy = cls(config, assets_dir=path / ASSETS_DIR)
         load_weights(policy, path / WEIGHTS_NAME)
         policy.selector_dir = path / SELECTOR_DIR  # fitted test-time selectors (e.g. the CFN), read on demand
@@ -237,6 +228,23 @@ class VLAPolicy(nn.Module):
                 json.loads((path / PREPROCESSOR_NAME).read_text()), config, policy.backbone.tokenize,
                 embodiment=embodiment)
         return policy.to(device).eval()
+
+
+def load_policy_config(path: str | Path, overrides: Sequence[str] = ()) -> PolicyConfig:
+    """A checkpoint folder's ``config.json`` with ``--field=value`` overrides applied (``from_pretrained``):
+    an unknown field or a value that does not parse is a ValueError naming it."""
+    path = Path(path)
+    if not (path / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{path} is not a policy checkpoint: no {CONFIG_NAME} in it")
+    load_plugins()
+    config = from_dict(PolicyConfig, json.loads((path / CONFIG_NAME).read_text()))
+    if overrides:
+        check_override_fields(config, overrides)
+        try:
+            config = parse_config(PolicyConfig, config, list(overrides), aliases=False)
+        except (SystemExit, Exception) as e:  # draccus: DecodingError, or argparse's exit
+            raise ValueError(f"overrides {list(overrides)}: a value does not parse: {e}") from e
+    return config
 
 
 def load_weights(policy: nn.Module, file: Path) -> None:

@@ -281,18 +281,13 @@ def init_policy(path: str | Path, run: PolicyConfig) -> VLAPolicy:
 
 def saved_policy_config(path: str | Path) -> PolicyConfig:
     """The PolicyConfig of a checkpoint folder (a LoRA adapter's: its base's)."""
-    from vla.config import from_dict
     from vla.lora import ADAPTER_CONFIG_NAME, read_adapter_config
-    from vla.plugins import load_plugins
-    from vla.policy import CONFIG_NAME
+    from vla.policy import load_policy_config
 
     path = Path(path)
     if (path / ADAPTER_CONFIG_NAME).exists():
         path = Path(read_adapter_config(path)[1])
-    if not (path / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"--init_from={path}: not a policy checkpoint (no {CONFIG_NAME})")
-    load_plugins()
-    return from_dict(PolicyConfig, json.loads((path / CONFIG_NAME).read_text()))
+    return load_policy_config(path)
 
 
 def run_overrides(have: PolicyConfig, want: PolicyConfig) -> list[str]:

@@ -211,20 +211,13 @@ def evaluate(
     if policy_overrides and not isinstance(policy, (str, Path)):
         raise ValueError(f"policy_overrides {list(policy_overrides)}: only for a checkpoint path, not {policy!r}")
     if policy_overrides:  # fail here, not in every worker: load the config once with them
-        from vla.config import PolicyConfig, check_override_fields, from_dict, parse_config
-        from vla.plugins import load_plugins
+        from vla.policy import load_policy_config
 
-        load_plugins()
-        cfg_file = Path(policy) / "config.json"
-        if not cfg_file.is_file():
-            raise ValueError(f"policy_overrides {list(policy_overrides)}: {policy} has no config.json (a LoRA adapter "
-                             "checkpoint or not a checkpoint); override the base checkpoint instead")
-        cfg = from_dict(PolicyConfig, json.loads(cfg_file.read_text()))
-        check_override_fields(cfg, policy_overrides)
         try:
-            parse_config(PolicyConfig, cfg, list(policy_overrides), aliases=False)
-        except (SystemExit, Exception) as e:  # the values, too, before every worker fails on them
-            raise ValueError(f"policy_overrides {list(policy_overrides)}: a value does not parse: {e}") from e
+            load_policy_config(policy, policy_overrides)
+        except FileNotFoundError as e:
+            raise ValueError(f"policy_overrides {list(policy_overrides)}: {e} (a LoRA adapter checkpoint? override "
+                             "the base checkpoint instead)") from e
     if not isinstance(num_samples, int) or num_samples < 1 or (num_samples > 1 and selector is None):
         raise ValueError(f"num_samples: expected an int >= 1, and a selector when > 1; received {num_samples!r} "
                          f"with selector {selector!r}")
