@@ -133,6 +133,10 @@ def test_init_from_checks_the_architecture(tmp_path: Path, synthetic: Path) -> N
     ckpt = train(_cfg(tmp_path / "a", synthetic, "--steps=1"))
     # Same architecture, different execution settings: fine-tunes.
     train(_cfg(tmp_path / "b", synthetic, "--steps=1", f"--init_from={ckpt}", "--head.num_steps=2"))
+    # Decoding settings are execution settings too (the list load-time overrides use).
+    tok = train(_cfg(tmp_path / "d", synthetic, "--steps=1", "--head.type=discrete", "--head.temperature=0"))
+    train(_cfg(tmp_path / "e", synthetic, "--steps=1", f"--init_from={tok}", "--head.type=discrete",
+               "--head.temperature=0", "--head.greedy=expected", "--head.resample_temperature=0.5"))
     with pytest.raises(ValueError, match=r"head.width: checkpoint 32, run 16"):
         train(_cfg(tmp_path / "c", synthetic, "--steps=1", f"--init_from={ckpt}", "--head.width=16"))
 

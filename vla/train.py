@@ -25,7 +25,7 @@ from vla.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from vla.config import PolicyConfig, TrainConfig, to_dict
+from vla.config import EXECUTION_FIELDS, PolicyConfig, TrainConfig, to_dict
 from vla.ema import EMA, load_trainable_state, trainable_state
 from vla.policy import VLAPolicy
 from vla.sampler import ResumableBatchSampler
@@ -262,9 +262,9 @@ def _load_weights(policy: VLAPolicy, path: Path) -> None:
         load_weights(policy, path / WEIGHTS_NAME)
 
 
-# Head/backbone fields that change behaviour at run time but not the weights' shapes or meaning.
-_EXECUTION_FIELDS = {"num_steps", "freeze_vision", "freeze_language", "pretrained_vision", "temperature", "top_k",
-                     "max_resample"}
+# Head/backbone fields that change behaviour at run time but not the weights' shapes or meaning: the same
+# list that load-time overrides accept without a warning (vla.config.EXECUTION_FIELDS).
+_EXECUTION_FIELDS = {f.split(".", 1)[1] for f in EXECUTION_FIELDS if f.startswith(("head.", "backbone."))}
 
 
 def init_policy(path: str | Path, run: PolicyConfig) -> VLAPolicy:
