@@ -14,6 +14,7 @@ build with ``config.build(policy)``; the policy is how a selector finds assets s
 """
 from __future__ import annotations
 
+import functools
 import json
 import weakref
 from dataclasses import dataclass
@@ -100,9 +101,7 @@ class ChunkSelector:
             if reference is not None:
                 check_reference(reference, candidates, self.name, reference_start)
             kw["reference"] = reference
-            from policies.broker import accepts_keyword  # a selector written before reference_start existed
-
-            if accepts_keyword(self.score, "reference_start"):
+            if _takes_reference_start(type(self)):
                 kw["reference_start"] = reference_start
             elif reference is not None and reference_start:
                 raise ValueError(f"selector {self.name!r}: its score() takes no reference_start, so it cannot compare a "
@@ -176,6 +175,15 @@ def check_features(features: Any, candidates: Tensor, who: str) -> None:
     if not isinstance(features, Tensor) or features.ndim != 4 or tuple(features.shape[:2]) != (b, n):
         shape = tuple(features.shape) if hasattr(features, "shape") else type(features).__name__
         raise ValueError(f"selector {who!r}: features must be ({b}, {n}, T, W) like the candidates, got {shape}")
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_reference_start(cls: type) -> bool:
+    """Whether a selector class's ``score`` takes ``reference_start`` (those written before it existed do
+    not). Once per class: ``select`` runs for every chunk."""
+    from policies.broker import accepts_keyword
+
+    return accepts_keyword(cls.score, "reference_start")
 
 
 def check_reference(reference: Any, candidates: Tensor, who: str, start: int = 0) -> None:
