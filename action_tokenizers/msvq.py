@@ -12,6 +12,12 @@ each correct what the coarser scales missed. This tokenizer provides those codes
     x_hat = decoder(f_hat)  (N, H, A)
 
 Codes are the concatenation over scales (1 + 2 + 3 + 4 = 10 tokens), coarse first; ``vocab_size = K``.
+
+``per_dimension=True`` is CARP's own layout: every action dimension is a separate 1-D signal with its own
+encoder, decoder and codebook (grouped convolutions, one group per dimension), so scale s has s * A codes
+(position-major: step j's codes for dims 0..A-1, then step j+1's). A gripper that snaps open and shut then
+gets codes of its own instead of sharing one joint code with the arm's motion. Code ids index the codebook
+of their own dimension.
 Training (``fit``, seeded, a few hundred Adam steps) minimizes reconstruction MSE + the VQ-VAE
 codebook and commitment terms, with straight-through gradients through the quantizer. The codebook
 is initialized from encoder outputs so no entry starts dead.
@@ -37,6 +43,8 @@ class MSVQConfig(TokenizerConfig):
     lr: float = 2e-3
     beta: float = 0.25  # commitment weight
     seed: int = 0
+    # CARP: one encoder / decoder / codebook per action dimension, s * A codes at scale s (see above)
+    per_dimension: bool = False
 
     @classmethod
     def tiny(cls) -> "MSVQConfig":
@@ -47,33 +55,37 @@ class MSVQConfig(TokenizerConfig):
 
 
 def _build_modules(cfg: MSVQConfig, horizon: int, action_dim: int):
-    """Encoder, decoder and codebook as one ``nn.ModuleDict`` (its state dict is what is saved)."""
+    """Encoder, decoder and codebook(s) as one ``nn.ModuleDict`` (its state dict is what is saved).
+    G = 1 group (joint) or A groups (per dimension): grouped convs keep the groups' weights apart, and the
+    G codebooks are rows ``[g * K, (g + 1) * K)`` of one table. With G = 1 the shapes are the joint layout's."""
     from torch import nn
 
     import torch.nn.functional as F
 
+    g, hid, d = (action_dim if cfg.per_dimension else 1), cfg.hidden, cfg.latent_dim
+
     class Encoder(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Conv1d(action_dim, cfg.hidden, 3, padding=1), nn.GELU(),
-                                     nn.Conv1d(cfg.hidden, cfg.hidden, 3, padding=1), nn.GELU(),
-                                     nn.Conv1d(cfg.hidden, cfg.latent_dim, 1))
+            self.net = nn.Sequential(nn.Conv1d(action_dim, g * hid, 3, padding=1, groups=g), nn.GELU(),
+                                     nn.Conv1d(g * hid, g * hid, 3, padding=1, groups=g), nn.GELU(),
+                                     nn.Conv1d(g * hid, g * d, 1, groups=g))
 
-        def forward(self, x):  # (N, H, A) -> (N, D, T)
+        def forward(self, x):  # (N, H, A) -> (N, G*D, T)
             return F.interpolate(self.net(x.transpose(1, 2)), size=cfg.scales[-1], mode="linear", align_corners=False)
 
     class Decoder(nn.Module):
         def __init__(self):
             super().__init__()
-            self.net = nn.Sequential(nn.Conv1d(cfg.latent_dim, cfg.hidden, 3, padding=1), nn.GELU(),
-                                     nn.Conv1d(cfg.hidden, cfg.hidden, 3, padding=1), nn.GELU(),
-                                     nn.Conv1d(cfg.hidden, action_dim, 1))
+            self.net = nn.Sequential(nn.Conv1d(g * d, g * hid, 3, padding=1, groups=g), nn.GELU(),
+                                     nn.Conv1d(g * hid, g * hid, 3, padding=1, groups=g), nn.GELU(),
+                                     nn.Conv1d(g * hid, action_dim, 1, groups=g))
 
-        def forward(self, f):  # (N, D, T) -> (N, H, A)
+        def forward(self, f):  # (N, G*D, T) -> (N, H, A)
             return self.net(F.interpolate(f, size=horizon, mode="linear", align_corners=False)).transpose(1, 2)
 
     return nn.ModuleDict({"encoder": Encoder(), "decoder": Decoder(),
-                          "codebook": nn.Embedding(cfg.codebook_size, cfg.latent_dim)}).double()
+                          "codebook": nn.Embedding(g * cfg.codebook_size, d)}).double()
 
 
 def _resize(f, length: int):
@@ -101,42 +113,86 @@ class MSVQTokenizer(ActionTokenizer):
         return self.config.codebook_size
 
     @property
+    def groups(self) -> int:
+        """G: separately quantized signals, 1 (the joint chunk) or A (``per_dimension``; needs the fitted A)."""
+        return self.action_dim if self.config.per_dimension else 1
+
+    @property
     def num_codes(self) -> int:
-        """L: codes per chunk (sum of the scales)."""
-        return int(sum(self.config.scales))
+        """L: codes per chunk (sum of the scales, times A per dimension)."""
+        return int(sum(self.scale_sizes()))
+
+    def scale_sizes(self) -> list[int]:
+        """Codes at each scale, coarse first: s (joint) or s * A (per dimension)."""
+        return [int(s) * self.groups for s in self.config.scales]
 
     def scale_slices(self) -> list[slice]:
         """Where each scale's codes sit in a code row, coarse first."""
-        ends = np.cumsum(self.config.scales)
-        return [slice(int(e - s), int(e)) for s, e in zip(self.config.scales, ends)]
+        sizes = self.scale_sizes()
+        ends = np.cumsum(sizes)
+        return [slice(int(e - n), int(e)) for n, e in zip(sizes, ends)]
+
+    # --- latent (N, G*D, T) <-> tokens (N, s*G, D): position-major, group-minor ----------------------
+    def _tokens_at(self, f, s: int):
+        """f (N, G*D, T') seen at scale s -> (N, s*G, D)."""
+        n, gd, _ = f.shape
+        g = self.groups
+        return _resize(f, s).view(n, g, gd // g, s).permute(0, 3, 1, 2).reshape(n, s * g, gd // g)
+
+    def _latent_of(self, q):
+        """(N, s*G, D) scale tokens -> (N, G*D, T) added at full length."""
+        n, sg, d = q.shape
+        g = self.groups
+        f = q.view(n, sg // g, g, d).permute(0, 2, 3, 1).reshape(n, g * d, sg // g)
+        return _resize(f, self.config.scales[-1])
+
+    def _code_rows(self, codes):
+        """(N, s*G) code ids -> rows of the (G*K, D) table: each position reads its own group's codebook."""
+        import torch
+
+        g = self.groups
+        offsets = (torch.arange(codes.shape[1]) % g) * self.config.codebook_size
+        return codes + offsets.to(codes.device)
+
+    def _per_group(self, x):
+        """(N, s*G, C) -> (G, N*s, C): the rows each group's codebook sees."""
+        n, sg, c = x.shape
+        g = self.groups
+        return x.view(n, sg // g, g, c).permute(2, 0, 1, 3).reshape(g, n * (sg // g), c)
+
+    def _from_groups(self, y, n: int):
+        """(G, N*s, C) -> (N, s*G, C), the inverse of ``_per_group``."""
+        g, ns, c = y.shape
+        return y.view(g, n, ns // n, c).permute(1, 2, 0, 3).reshape(n, (ns // n) * g, c)
+
+    def _book(self):
+        """(G, K, D) codebooks."""
+        w = self.modules["codebook"].weight
+        return w.view(self.groups, self.config.codebook_size, w.shape[1])
 
     # --- quantization ---------------------------------------------------------------------------
     def _quantize(self, f):
-        """f (N, D, T) -> f_hat (N, D, T), codes (N, L), vq loss (scalar)."""
+        """f (N, G*D, T) -> f_hat (N, G*D, T), codes (N, L), vq loss (scalar)."""
         import torch
 
-        book = self.modules["codebook"].weight  # (K, D)
-        T = f.shape[-1]
+        book, table = self._book(), self.modules["codebook"].weight
         f_hat = torch.zeros_like(f)
         codes, loss = [], f.new_zeros(())
         for s in self.config.scales:
-            r = _resize(f - f_hat.detach(), s).transpose(1, 2)  # (N, s, D)
-            k = torch.cdist(r.reshape(-1, r.shape[-1]), book).argmin(-1).view(r.shape[0], s)
-            q = book[k]  # (N, s, D)
+            r = self._tokens_at(f - f_hat.detach(), s)  # (N, s*G, D): what is still missing, at scale s
+            k = self._from_groups(torch.cdist(self._per_group(r), book).argmin(-1)[..., None], len(r))[..., 0]
+            q = table[self._code_rows(k)]  # (N, s*G, D)
             # codebook term pulls entries to the residuals; commitment keeps the encoder near the entries
             loss = loss + ((q - r.detach()) ** 2).mean() + self.config.beta * ((r - q.detach()) ** 2).mean()
             q_st = r + (q - r).detach()  # straight-through: forward uses q, gradient flows to r
-            f_hat = f_hat + _resize(q_st.transpose(1, 2), T)
+            f_hat = f_hat + self._latent_of(q_st)
             codes.append(k)
         return f_hat, torch.cat(codes, dim=1), loss
 
     def _codes_to_latent(self, codes):
-        import torch
-
-        book = self.modules["codebook"].weight
-        f_hat = torch.zeros(codes.shape[0], book.shape[1], self.config.scales[-1], dtype=book.dtype)
+        f_hat = self.empty_latent(codes.shape[0])
         for sl in self.scale_slices():
-            f_hat = f_hat + _resize(book[codes[:, sl]].transpose(1, 2), self.config.scales[-1])
+            f_hat = self.add_scale(f_hat, codes[:, sl])
         return f_hat
 
     # --- fit / encode / decode ------------------------------------------------------------------
@@ -149,11 +205,11 @@ class MSVQTokenizer(ActionTokenizer):
             torch.manual_seed(cfg.seed)
             self.modules = _build_modules(cfg, self.horizon, self.action_dim)
         data = torch.from_numpy(x)
-        with torch.no_grad():  # codebook init: encoder outputs at random positions, scaled to residual size
+        with torch.no_grad():  # codebook init: encoder outputs at random positions (per group), residual-sized
             f = self.modules["encoder"](data[torch.randperm(len(data), generator=g)[:1024]])
-            pts = f.transpose(1, 2).reshape(-1, f.shape[1])
-            idx = torch.randint(len(pts), (cfg.codebook_size,), generator=g)
-            self.modules["codebook"].weight.copy_(pts[idx])
+            pts = self._per_group(self._tokens_at(f, f.shape[-1]))  # (G, n*T, D)
+            idx = torch.randint(pts.shape[1], (self.groups, cfg.codebook_size), generator=g)
+            self._book().copy_(torch.gather(pts, 1, idx[..., None].expand(-1, -1, pts.shape[2])))
         opt = torch.optim.Adam(self.modules.parameters(), lr=cfg.lr)
         self.modules.train()
         for step in range(cfg.steps):
@@ -187,28 +243,27 @@ class MSVQTokenizer(ActionTokenizer):
 
     # --- scale-by-scale access for the coarse-to-fine head (torch tensors in, torch tensors out) -----
     def empty_latent(self, n: int):
-        """(n, D, T) zeros: the reconstruction before any scale is known."""
+        """(n, G*D, T) zeros: the reconstruction before any scale is known."""
         import torch
 
         book = self.modules["codebook"].weight
-        return torch.zeros(n, book.shape[1], self.config.scales[-1], dtype=book.dtype)
+        return torch.zeros(n, self.groups * book.shape[1], self.config.scales[-1], dtype=book.dtype)
 
     def add_scale(self, f_hat, scale_codes):
-        """f_hat (N, D, T) + the codes of one scale (N, s) -> f_hat with that scale's correction added."""
-        book = self.modules["codebook"].weight
-        q = book[scale_codes.cpu()].transpose(1, 2)  # (N, D, s)
-        return f_hat + _resize(q, self.config.scales[-1])
+        """f_hat (N, G*D, T) + the codes of one scale (N, s*G) -> f_hat with that scale's correction added."""
+        q = self.modules["codebook"].weight[self._code_rows(scale_codes.cpu())]  # (N, s*G, D)
+        return f_hat + self._latent_of(q)
 
     def add_expected_scale(self, f_hat, probs):
-        """f_hat (N, D, T) + the expected codebook vector of one scale under ``probs`` (N, s, K) -> f_hat: the
-        soft counterpart of ``add_scale`` (a head's ``greedy='expected'`` decoding)."""
-        book = self.modules["codebook"].weight
-        q = (probs.to(device=book.device, dtype=book.dtype) @ book).transpose(1, 2)  # (N, D, s)
-        return f_hat + _resize(q, self.config.scales[-1])
+        """f_hat (N, G*D, T) + the expected codebook vector of one scale under ``probs`` (N, s*G, K) -> f_hat:
+        the soft counterpart of ``add_scale`` (a head's ``greedy='expected'`` decoding)."""
+        book = self._book()
+        p = self._per_group(probs.to(device=book.device, dtype=book.dtype))  # (G, N*s, K)
+        return f_hat + self._latent_of(self._from_groups(p @ book, len(probs)))
 
     def scale_input(self, f_hat, k: int):
-        """What scale ``k`` is predicted from: the reconstruction so far, seen at that scale -> (N, s_k, D)."""
-        return _resize(f_hat, self.config.scales[k]).transpose(1, 2)
+        """What scale ``k`` is predicted from: the reconstruction so far, seen at that scale -> (N, s_k*G, D)."""
+        return self._tokens_at(f_hat, self.config.scales[k])
 
     def teacher_inputs(self, codes):
         """Codes (N, L) of a real chunk -> (N, L, D): each scale's input computed from the coarser scales'
@@ -222,7 +277,7 @@ class MSVQTokenizer(ActionTokenizer):
         return torch.cat(parts, dim=1)
 
     def decode_latent(self, f_hat):
-        """Decoder only: latent ``(N, D, T)`` tensor -> actions ``(N, H, A)`` tensor (for heads that
+        """Decoder only: latent ``(N, G*D, T)`` tensor -> actions ``(N, H, A)`` tensor (for heads that
         predict codes scale by scale and want the partial reconstruction)."""
         return self.modules["decoder"](f_hat.to(self.modules["codebook"].weight.dtype))
 

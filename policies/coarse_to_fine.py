@@ -15,6 +15,9 @@ coarser codes (teacher forcing); the loss is the cross-entropy of every code. Sa
 (K = number of scales, 4 by default), each extending the KV cache by one scale; the state and scale-0
 tokens do not depend on sampled codes, so that first pass runs once per observation and its cache is
 repeated for the N candidates. The finest reconstruction goes through the tokenizer's decoder.
+
+With ``--head.tokenizer.per_dimension=true`` (CARP's layout) scale k has s_k * A tokens, one per latent
+position and action dimension; each token's slot embedding is its position's plus its dimension's.
 """
 from __future__ import annotations
 
@@ -77,22 +80,45 @@ class CoarseToFineHead(TokenHead):
         self.scales = list(cfg.tokenizer.scales)
         d = backbone.hidden_size
         self.latent_in = nn.Linear(cfg.tokenizer.latent_dim, d)
-        self.slot_emb = nn.Embedding(sum(self.scales), d)
+        self.slot_emb = nn.Embedding(sum(self.scales), d)  # one per latent position of each scale
+        # per_dimension: the codes of one position differ by action dimension; sized for max_action_dim since
+        # the fitted A is known only after the tokenizer is (tables are sized from the config, see token_head)
+        self.dim_emb = nn.Embedding(action_dim, d) if cfg.tokenizer.per_dimension else None
         self.code_out = nn.Linear(d, self.vocab)
         nn.init.normal_(self.slot_emb.weight, std=d ** -0.5)
-        self.register_buffer("mask", block_causal_mask(self.scales), persistent=False)
+        if self.dim_emb is not None:
+            nn.init.normal_(self.dim_emb.weight, std=d ** -0.5)
+        self._layout: tuple | None = None  # (scale sizes, mask, slot ids, dim ids) of the fitted tokenizer
+
+    def layout(self) -> tuple[list[int], Tensor, Tensor, Tensor]:
+        """Of the fitted tokenizer: codes per scale, the (1 + L, 1 + L) block-causal mask, and each code
+        token's position slot and dimension ids (L,)."""
+        sizes = self._require_tokenizer().scale_sizes()
+        if self._layout is None or self._layout[0] != sizes:
+            g = sizes[0] // self.scales[0]
+            starts = [sum(self.scales[:k]) for k in range(len(self.scales))]
+            slot = torch.cat([torch.arange(st, st + s).repeat_interleave(g) for st, s in zip(starts, self.scales)])
+            dim = torch.cat([torch.arange(g).repeat(s) for s in self.scales])
+            self._layout = (sizes, block_causal_mask(sizes), slot, dim)
+        return self._layout
 
     def _tokens(self, latents: Tensor, start: int) -> Tensor:
-        """Scale inputs (M, s, D) (double, from the tokenizer) -> (M, s, hidden) suffix tokens."""
+        """Scale inputs (M, s, D) (double, from the tokenizer) for code tokens ``start:start + s`` ->
+        (M, s, hidden) suffix tokens."""
+        _, _, slot, dim = self.layout()
         w = self.latent_in.weight
-        return self.latent_in(latents.to(device=w.device, dtype=w.dtype)) + self.slot_emb.weight[start:start + latents.shape[1]]
+        end = start + latents.shape[1]
+        emb = self.slot_emb.weight[slot[start:end].to(w.device)]
+        if self.dim_emb is not None:
+            emb = emb + self.dim_emb.weight[dim[start:end].to(w.device)]
+        return self.latent_in(latents.to(device=w.device, dtype=w.dtype)) + emb
 
     # --- training -----------------------------------------------------------------------------
     def logits(self, backbone: Backbone, prefix: Prefix, codes: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher forcing, all scales in one pass: codes (B, L) -> logits (B, L, K_codebook), hidden (B, L, d)."""
         inputs = self._require_tokenizer().teacher_inputs(codes.cpu())  # (B, L, D)
         x = torch.cat([self.state_token(prefix), self._tokens(inputs, 0)], 1)
-        h = backbone.extend(x, prefix, self.mask)[:, 1:]
+        h = backbone.extend(x, prefix, self.layout()[1].to(x.device))[:, 1:]
         return self.code_out(h), h
 
     # --- sampling: one forward pass per scale -------------------------------------------------
@@ -109,14 +135,15 @@ class CoarseToFineHead(TokenHead):
         expected = temp == 0 and self.cfg.greedy == "expected"
 
         # Pass 1 (B rows): the state token and scale 0's slots, which read no sampled code.
-        s0 = self.scales[0]
+        sizes, mask, _, _ = self.layout()
+        s0 = sizes[0]
         x = torch.cat([self.state_token(prefix), self._tokens(tok.scale_input(tok.empty_latent(b), 0), 0)], 1)
-        h, ctx = backbone.extend(x, prefix, self.mask[: 1 + s0, : 1 + s0], return_prefix=True)
+        h, ctx = backbone.extend(x, prefix, mask[: 1 + s0, : 1 + s0].to(x.device), return_prefix=True)
         h = h[:, 1:].repeat_interleave(n, 0)
         ctx = ctx.repeat(n)
         f_hat = tok.empty_latent(b * n)
         codes, feats, start = [], [], 0
-        for k, s in enumerate(self.scales):
+        for k, s in enumerate(sizes):
             if k > 0:  # passes 2..K: scale k's tokens, built from the reconstruction so far
                 full = torch.ones(s, s, dtype=torch.bool, device=h.device)
                 h, ctx = backbone.extend(self._tokens(tok.scale_input(f_hat, k), start), ctx, full, return_prefix=True)
@@ -139,5 +166,5 @@ class CoarseToFineHead(TokenHead):
             raise RuntimeError(f"coarse_to_fine: {int((~valid).sum())} sampled code rows do not decode")
         chunks = chunks.view(b, n, self.chunk_size, self.action_dim)
         if return_features:
-            return chunks, torch.cat(feats, 1).view(b, n, sum(self.scales), -1)
+            return chunks, torch.cat(feats, 1).view(b, n, sum(sizes), -1)
         return chunks

@@ -51,8 +51,8 @@ def vocab_bound(cfg: TokenizerConfig, max_action_dim: int) -> int:
 
 def length_bound(cfg: TokenizerConfig, chunk_size: int, max_action_dim: int) -> int:
     """Most codes a chunk can take (FAST's BPE never yields more tokens than DCT coefficients)."""
-    if cfg.type == "msvq":
-        return int(sum(cfg.scales))
+    if cfg.type == "msvq":  # per_dimension: each scale has one code per action dimension
+        return int(sum(cfg.scales)) * (max_action_dim if cfg.per_dimension else 1)
     return chunk_size * max_action_dim
 
 

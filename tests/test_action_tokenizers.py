@@ -318,8 +318,37 @@ def test_spherical_grid_has_no_per_position_values():
     assert tok.code_values() is None
 
 
-def test_msvq_expected_scale_with_one_hot_probabilities_is_add_scale():
-    tok = fitted("msvq")
+@functools.lru_cache(maxsize=None)
+def msvq_per_dim() -> ActionTokenizer:
+    cfg = tokenizer_config_class("msvq").tiny()
+    cfg.per_dimension = True
+    tok = cfg.build()
+    tok.fit(DATA)
+    return tok
+
+
+def test_msvq_per_dimension_codes_each_dimension_on_its_own(tmp_path):
+    """CARP's layout: s * A codes at scale s, position-major; a code of dimension a decodes into dimension a
+    only (its own encoder, codebook and decoder), and the reconstruction beats the mean."""
+    tok = msvq_per_dim()
+    codes, mask = tok.encode(DATA)
+    assert codes.shape == (len(DATA), (1 + 2 + 3 + 4) * A) and mask.all()
+    assert [s.stop - s.start for s in tok.scale_slices()] == [1 * A, 2 * A, 3 * A, 4 * A]
+    y, valid = tok.decode(codes, mask)
+    assert valid.all() and ((y - DATA) ** 2).mean() < 0.5 * ((DATA - DATA.mean(0)) ** 2).mean()
+    for dim in range(A):
+        other = codes[:4].copy()
+        other[:, A * 1 + dim] = (other[:, A * 1 + dim] + 3) % tok.vocab_size  # scale 1, first position
+        moved = np.abs(tok.decode(other)[0] - y[:4]).max(axis=(0, 1))  # (A,)
+        assert moved[dim] > 1e-6 and np.delete(moved, dim).max() == 0, (dim, moved)
+    tok.save_pretrained(tmp_path / "tok")
+    again = ActionTokenizer.from_pretrained(tmp_path / "tok")
+    np.testing.assert_array_equal(again.encode(DATA[:8])[0], codes[:8])
+
+
+@pytest.mark.parametrize("per_dimension", [False, True])
+def test_msvq_expected_scale_with_one_hot_probabilities_is_add_scale(per_dimension):
+    tok = msvq_per_dim() if per_dimension else fitted("msvq")
     codes = torch.from_numpy(tok.encode(DATA[:5])[0])
     f_hard = f_soft = tok.empty_latent(5)
     for sl in tok.scale_slices():

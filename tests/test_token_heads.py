@@ -35,6 +35,8 @@ HEADS = {
     "coarse_to_fine": CoarseToFineConfig.tiny(),
     # A repeated scale = a second residual level at that resolution (the finer MetaWorld tokenizer).
     "coarse_to_fine_repeated": CoarseToFineConfig(tokenizer=_tok("msvq", scales=[1, 2, 2])),
+    # CARP's layout: one codebook per action dimension, s * A codes at scale s.
+    "coarse_to_fine_per_dim": CoarseToFineConfig(tokenizer=_tok("msvq", per_dimension=True)),
 }
 
 
@@ -106,7 +108,8 @@ def test_coarse_to_fine_mask_is_block_causal_by_scale() -> None:
     assert not torch.allclose(a[:, 3:], b[:, 3:])
 
 
-@pytest.mark.parametrize("name", ["ar_uniform", "ar_fast", "coarse_to_fine", "coarse_to_fine_repeated"])
+@pytest.mark.parametrize("name", ["ar_uniform", "ar_fast", "coarse_to_fine", "coarse_to_fine_repeated",
+                                  "coarse_to_fine_per_dim"])
 def test_per_step_loss_is_exact_sequence_nll(name: str) -> None:
     policy = _policy(HEADS[name])
     head = policy.head
@@ -295,6 +298,26 @@ def test_expected_greedy_config_errors() -> None:
         _policy(DiscreteConfig(tokenizer=_tok("uniform"), top_k=-1))
     with pytest.raises(ValueError, match="head.temperature: expected >= 0"):
         _policy(CoarseToFineConfig(tokenizer=_tok("msvq"), temperature=-0.5))
+
+
+def test_coarse_to_fine_per_dimension_mask_is_block_causal_over_all_dims_of_a_scale() -> None:
+    """Per dimension, scale k is s_k * A tokens: changing the scale-1 codes of ONE dimension moves the logits
+    of scales >= 2 of every dimension, never those of scales 0-1 (a block by scale, not by dimension)."""
+    policy = _policy(HEADS["coarse_to_fine_per_dim"])
+    head = policy.head
+    a = head.tokenizer.action_dim
+    sizes, mask, slot, dim = head.layout()
+    assert sizes == [s * a for s in head.scales] and mask.shape == (1 + sum(sizes),) * 2
+    assert dim[:sizes[0]].tolist() == list(range(a)) and slot[sizes[0]:sizes[0] + 2 * a].tolist() == [1] * a + [2] * a
+    prefix = policy.encode(random_observation(policy, batch=2))
+    codes = torch.randint(0, head.tokenizer.vocab_size, (2, sum(sizes)))
+    other = codes.clone()
+    other[:, sizes[0] + 1] = (other[:, sizes[0] + 1] + 5) % head.tokenizer.vocab_size  # scale 1, step 0, dim 1
+    x, _ = head.logits(policy.backbone, prefix, codes)
+    y, _ = head.logits(policy.backbone, prefix, other)
+    seen = sizes[0] + sizes[1]
+    torch.testing.assert_close(x[:, :seen], y[:, :seen])
+    assert not torch.allclose(x[:, seen:], y[:, seen:])
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
