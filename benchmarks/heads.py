@@ -41,6 +41,8 @@ def head_variants() -> dict[str, object]:
         # not change the latency, so 400 here instead of the 4000 the trained head used.
         "coarse_to_fine (msvq 1-2-4-8-8, K=1024)": CoarseToFineConfig(tokenizer=msvq(
             scales=[1, 2, 4, 8, 8], codebook_size=1024, steps=400)),
+        # CARP's per-dimension layout: s * A codes per scale (60 for A=4), still 4 passes.
+        "coarse_to_fine (msvq 1-2-4-8, per dimension)": CoarseToFineConfig(tokenizer=msvq(per_dimension=True, steps=400)),
     }
 
 

@@ -19,7 +19,12 @@ from benchmarks.common import print_table, provenance, write_json
 
 
 # Named variants beside the registered defaults: name -> (registered tokenizer, config fields).
-VARIANTS = {"adaptive_grid_spherical": ("adaptive_grid", {"spherical_dims": [0, 1, 2]})}  # MetaWorld: xyz + grip
+VARIANTS = {
+    "adaptive_grid_spherical": ("adaptive_grid", {"spherical_dims": [0, 1, 2]}),  # MetaWorld: xyz + grip
+    # the coarse_to_fine head's default msvq (joint chunk), and CARP's per-dimension layout at the same scales
+    "msvq_c2f": ("msvq", {"scales": [1, 2, 4, 8], "steps": 1500}),
+    "msvq_per_dim": ("msvq", {"scales": [1, 2, 4, 8], "steps": 1500, "per_dimension": True}),
+}
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -76,13 +81,14 @@ def main(argv: list[str] | None = None) -> dict:
             "mean |err|": round(float(err.mean()), 4),
             "max |err|": round(float(err.max()), 4),
             "rmse": round(float(np.sqrt((err ** 2).mean())), 4),
+            "rmse per dim": [round(float(v), 4) for v in np.sqrt((err ** 2).mean((0, 1)))],
             "valid": round(float(valid.mean()), 4),
             "encode us/chunk": round(enc_s / len(ev_x) * 1e6, 1),
             "decode us/chunk": round(dec_s / len(ev_x) * 1e6, 1),
             "fit s": round(fit_s, 2),
             "config": to_dict(tok.config),
         })
-    cols = ["tokenizer", "vocab", "tokens/chunk", "max tokens", "mean |err|", "max |err|", "rmse",
+    cols = ["tokenizer", "vocab", "tokens/chunk", "max tokens", "mean |err|", "max |err|", "rmse", "rmse per dim",
             "valid", "encode us/chunk", "decode us/chunk", "fit s"]
     print(f"{args.dataset}: H={args.horizon}, A={fit_x.shape[-1]}, fit {len(fit_x)} chunks "
           f"({n_fit} episodes), eval {len(ev_x)} chunks ({len(eps) - n_fit} held-out episodes); "
