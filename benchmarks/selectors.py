@@ -67,26 +67,45 @@ def measure_latency(policy: Any, selectors: list[str], samples: list[int], repea
 
 
 def collect_evals(folders: list[Path]) -> list[dict]:
-    rows = []
+    """One row per arm (selector, N, overrides). Several folders of one arm (e.g. ``--seed 0`` and ``--seed 1``
+    runs) are pooled: successes over all their episodes, a Wilson interval on the total. Every arm must have run
+    the same tasks on the same (seed, episodes per task) runs, so arms stay comparable."""
+    from benchmarks.metaworld.evaluate import wilson_interval
+
+    arms: dict[tuple, list[dict]] = {}
     for f in folders:
         r = json.loads((Path(f) / "results.json").read_text())
-        chunks = sum(t.get("chunks", 0) for t in r["tasks"].values())
-        policy_s = sum(t["policy_s"] for t in r["tasks"].values())
         sel = r.get("selector")
+        key = ((sel.get("type") if isinstance(sel, dict) else sel) or "none", int(r.get("num_samples") or 1),
+               json.dumps(r.get("policy_overrides") or []))
+        arms.setdefault(key, []).append({"folder": Path(f), **r})
+    rows = []
+    for (selector, n, _), runs in arms.items():
+        tasks = sorted(runs[0]["tasks"])
+        if any(sorted(r["tasks"]) != tasks for r in runs):
+            raise ValueError(f"arm {selector} N={n}: its evaluations ran different tasks")
+        hits = {t: sum(r["tasks"][t]["success_rate"] * r["episodes_per_task"] for r in runs) for t in tasks}
+        eps_task = sum(r["episodes_per_task"] for r in runs)
+        total = round(sum(hits.values()))
+        lo, hi = wilson_interval(total, eps_task * len(tasks))
+        chunks = sum(t.get("chunks", 0) for r in runs for t in r["tasks"].values())
+        policy_s = sum(t["policy_s"] for r in runs for t in r["tasks"].values())
         rows.append({
-            "arm": Path(f).name,
-            "selector": (sel.get("type") if isinstance(sel, dict) else sel) or "none",
-            "N": int(r.get("num_samples") or 1),
-            "success": round(100 * r["mean_success"], 1),
-            "ci95": [round(100 * x, 1) for x in r["ci95"]],
-            "per_task": {t: round(100 * v["success_rate"]) for t, v in r["tasks"].items()},
-            "episodes_per_task": r["episodes_per_task"], "seed": r["seed"], "tasks": sorted(r["tasks"]),
+            "arm": "+".join(r["folder"].name for r in runs),
+            "selector": selector, "N": n,
+            "success": round(100 * total / (eps_task * len(tasks)), 1),
+            "ci95": [round(100 * lo, 1), round(100 * hi, 1)],
+            "per_task": {t: round(100 * hits[t] / eps_task) for t in tasks},
+            "episodes_per_task": eps_task, "runs": sorted((r["seed"], r["episodes_per_task"]) for r in runs),
+            "tasks": tasks,
             "in_loop_ms_per_chunk": round(1000 * policy_s / chunks, 1) if chunks else None,
-            "wall_s": r["wall_time_s"], "command": r.get("command"), "commit": r.get("commit"),
+            "wall_s": round(sum(r["wall_time_s"] for r in runs), 1),
+            "command": [r.get("command") for r in runs] if len(runs) > 1 else runs[0].get("command"),
+            "commit": [r.get("commit") for r in runs] if len(runs) > 1 else runs[0].get("commit"),
         })
-    keys = {(tuple(r["tasks"]), r["episodes_per_task"], r["seed"]) for r in rows}
+    keys = {(tuple(r["tasks"]), tuple(r["runs"])) for r in rows}
     if len(keys) > 1:
-        raise ValueError(f"evaluations differ in tasks/episodes/seed, not comparable: {sorted(keys)}")
+        raise ValueError(f"evaluations differ in tasks or (seed, episodes) runs, not comparable: {sorted(keys)}")
     return rows
 
 
@@ -111,7 +130,7 @@ def targets(success: list[dict], latency: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="checkpoint (with selector/ for cfn)")
-    p.add_argument("--evals", nargs="*", default=[], help="`vla eval metaworld` output folders, one per arm")
+    p.add_argument("--evals", nargs="*", default=[], help="`vla eval metaworld` output folders; several of one arm (other seeds) are pooled")
     p.add_argument("--selectors", nargs="+", default=["first", "consistency", "cfn"])
     p.add_argument("--samples", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--repeats", type=int, default=20)
