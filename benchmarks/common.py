@@ -87,3 +87,31 @@ def median_ms(fn, repeats: int) -> float:
         fn()
         ts.append(time.perf_counter() - t)
     return statistics.median(ts) * 1000
+
+
+def pool_evals(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several ``vla eval metaworld`` results.json dicts of ONE policy/arm (e.g. ``--seed 0`` and ``--seed 1``
+    runs) -> one pooled row: successes over all their episodes and a Wilson interval on the total. The runs
+    must cover the same tasks; ``runs`` lists (seed, episodes per task) so callers can check that compared
+    rows ran the same evaluations."""
+    from benchmarks.metaworld.evaluate import wilson_interval
+
+    tasks = sorted(results[0]["tasks"])
+    if any(sorted(r["tasks"]) != tasks for r in results):
+        raise ValueError(f"pooled evaluations ran different tasks: {[sorted(r['tasks']) for r in results]}")
+    eps = sum(r["episodes_per_task"] for r in results)
+    hits = {t: round(sum(r["tasks"][t]["success_rate"] * r["episodes_per_task"] for r in results)) for t in tasks}
+    total = sum(hits.values())
+    lo, hi = wilson_interval(total, eps * len(tasks))
+    chunks = sum(t.get("chunks", 0) for r in results for t in r["tasks"].values())
+    policy_s = sum(t.get("policy_s", 0.0) for r in results for t in r["tasks"].values())
+    one = len(results) == 1
+    return {
+        "success": round(100 * total / (eps * len(tasks)), 1), "ci95": [round(100 * lo, 1), round(100 * hi, 1)],
+        "per_task": {t: round(100 * hits[t] / eps) for t in tasks}, "episodes_per_task": eps,
+        "runs": sorted((r["seed"], r["episodes_per_task"]) for r in results), "tasks": tasks,
+        "in_loop_ms_per_chunk": round(1000 * policy_s / chunks, 1) if chunks else None,
+        "wall_s": round(sum(r["wall_time_s"] for r in results), 1),
+        "command": results[0].get("command") if one else [r.get("command") for r in results],
+        "commit": results[0].get("commit") if one else [r.get("commit") for r in results],
+    }

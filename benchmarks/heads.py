@@ -2,7 +2,8 @@
 and (from evaluation results) closed-loop MT10 success at the same training budget.
 
     python -m benchmarks.heads [--dataset data/metaworld_mt10_50] [--samples 1 16] [--repeats 10] \\
-        [--eval flow_matching=outputs/heads/flow/eval/results.json --eval discrete=... ...]
+        [--eval flow_matching=outputs/heads/flow/eval/results.json --eval discrete=A/results.json,B/results.json ...]
+        [--skip-latency]   # only pool the evaluations (several results.json of one head: other seeds)
 
 Every head is built on the CPU-default (`metaworld` preset) backbone with the same chunking; token
 heads get their tokenizer fitted on the dataset's normalized chunks (random normal chunks without a
@@ -21,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import median_ms, print_table, provenance, write_json
+from benchmarks.common import median_ms, pool_evals, print_table, provenance, write_json
 
 
 def head_variants() -> dict[str, object]:
@@ -103,15 +104,14 @@ def measure(name: str, head_cfg, chunks: np.ndarray, samples: list[int], repeats
 
 
 def success_rows(evals: list[str]) -> list[dict]:
+    """``NAME=PATH[,PATH...]``: one row per head; several results.json of one head (other seeds) are pooled."""
     rows = []
     for item in evals:
-        name, _, path = item.partition("=")
-        if not path:
-            raise SystemExit(f"--eval: expected NAME=PATH/results.json, got {item!r}")
-        r = json.loads(Path(path).read_text())
-        rows.append({"head": name, "MT10 success": r["mean_success"], "ci95": r["ci95"],
-                     "episodes/task": r["episodes_per_task"], "policy": r["policy"],
-                     **{t: v["success_rate"] for t, v in r.get("tasks", {}).items()}})
+        name, _, paths = item.partition("=")
+        if not paths:
+            raise SystemExit(f"--eval: expected NAME=PATH/results.json[,PATH/results.json...], got {item!r}")
+        results = [json.loads(Path(p).read_text()) for p in paths.split(",")]
+        rows.append({"head": name, "policy": results[0].get("policy"), **pool_evals(results)})
     return rows
 
 
@@ -122,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="measure under bf16 autocast (as trained)")
-    p.add_argument("--eval", action="append", default=[], help="NAME=results.json of `vla eval metaworld`")
+    p.add_argument("--eval", action="append", default=[], help="NAME=results.json of `vla eval metaworld` (NAME=A.json,B.json pools seeds)")
+    p.add_argument("--skip-latency", action="store_true", help="only read the --eval results (no latency rows)")
     p.add_argument("--out", default="benchmarks/results/heads.json")
     args = p.parse_args(argv)
     started = time.time()
@@ -131,19 +132,21 @@ def main(argv: list[str] | None = None) -> int:
 
     load_plugins()
     horizon = 8
-    chunks = training_chunks(args.dataset, horizon, 4)
-    rows = [measure(name, cfg, chunks, args.samples, args.repeats, args.bf16) for name, cfg in head_variants().items()]
-    flow = rows[0]
-    n_hi = max(args.samples)
-    for r in rows:
-        r[f"chunk vs flow N={n_hi}"] = round(r[f"chunk ms N={n_hi}"] / flow[f"chunk ms N={n_hi}"], 2)
-        r["chunk vs flow N=1"] = round(r["chunk ms N=1"] / flow["chunk ms N=1"], 2)
-        r["head vs flow N=1"] = round(r["head ms N=1"] / flow["head ms N=1"], 2)
-    print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
+    rows = []
+    if not args.skip_latency:
+        chunks = training_chunks(args.dataset, horizon, 4)
+        rows = [measure(name, cfg, chunks, args.samples, args.repeats, args.bf16) for name, cfg in head_variants().items()]
+        flow = rows[0]
+        n_hi = max(args.samples)
+        for r in rows:
+            r[f"chunk vs flow N={n_hi}"] = round(r[f"chunk ms N={n_hi}"] / flow[f"chunk ms N={n_hi}"], 2)
+            r["chunk vs flow N=1"] = round(r["chunk ms N=1"] / flow["chunk ms N=1"], 2)
+            r["head vs flow N=1"] = round(r["head ms N=1"] / flow["head ms N=1"], 2)
+        print_table(rows, list(dict.fromkeys(k for r in rows for k in r)))
     succ = success_rows(args.eval)
     if succ:
         print()
-        print_table(succ, ["head", "MT10 success", "ci95", "episodes/task", "policy"])
+        print_table(succ, ["head", "success", "ci95", "episodes_per_task", "runs", "policy"])
     out = write_json(Path(args.out), {"latency": rows, "success": succ, "threads": args.threads,
                                       "repeats": args.repeats, **provenance(started)})
     print(f"wrote {out}")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import print_table, provenance, write_json
+from benchmarks.common import pool_evals, print_table, provenance, write_json
 
 
 def _raw_observation(policy: Any, seed: int = 0) -> dict:
@@ -68,41 +68,17 @@ def measure_latency(policy: Any, selectors: list[str], samples: list[int], repea
 
 def collect_evals(folders: list[Path]) -> list[dict]:
     """One row per arm (selector, N, overrides). Several folders of one arm (e.g. ``--seed 0`` and ``--seed 1``
-    runs) are pooled: successes over all their episodes, a Wilson interval on the total. Every arm must have run
-    the same tasks on the same (seed, episodes per task) runs, so arms stay comparable."""
-    from benchmarks.metaworld.evaluate import wilson_interval
-
-    arms: dict[tuple, list[dict]] = {}
+    runs) are pooled (``pool_evals``). Every arm must have run the same tasks on the same (seed, episodes per
+    task) runs, so arms stay comparable."""
+    arms: dict[tuple, list[tuple[Path, dict]]] = {}
     for f in folders:
         r = json.loads((Path(f) / "results.json").read_text())
         sel = r.get("selector")
         key = ((sel.get("type") if isinstance(sel, dict) else sel) or "none", int(r.get("num_samples") or 1),
                json.dumps(r.get("policy_overrides") or []))
-        arms.setdefault(key, []).append({"folder": Path(f), **r})
-    rows = []
-    for (selector, n, _), runs in arms.items():
-        tasks = sorted(runs[0]["tasks"])
-        if any(sorted(r["tasks"]) != tasks for r in runs):
-            raise ValueError(f"arm {selector} N={n}: its evaluations ran different tasks")
-        hits = {t: sum(r["tasks"][t]["success_rate"] * r["episodes_per_task"] for r in runs) for t in tasks}
-        eps_task = sum(r["episodes_per_task"] for r in runs)
-        total = round(sum(hits.values()))
-        lo, hi = wilson_interval(total, eps_task * len(tasks))
-        chunks = sum(t.get("chunks", 0) for r in runs for t in r["tasks"].values())
-        policy_s = sum(t["policy_s"] for r in runs for t in r["tasks"].values())
-        rows.append({
-            "arm": "+".join(r["folder"].name for r in runs),
-            "selector": selector, "N": n,
-            "success": round(100 * total / (eps_task * len(tasks)), 1),
-            "ci95": [round(100 * lo, 1), round(100 * hi, 1)],
-            "per_task": {t: round(100 * hits[t] / eps_task) for t in tasks},
-            "episodes_per_task": eps_task, "runs": sorted((r["seed"], r["episodes_per_task"]) for r in runs),
-            "tasks": tasks,
-            "in_loop_ms_per_chunk": round(1000 * policy_s / chunks, 1) if chunks else None,
-            "wall_s": round(sum(r["wall_time_s"] for r in runs), 1),
-            "command": [r.get("command") for r in runs] if len(runs) > 1 else runs[0].get("command"),
-            "commit": [r.get("commit") for r in runs] if len(runs) > 1 else runs[0].get("commit"),
-        })
+        arms.setdefault(key, []).append((Path(f), r))
+    rows = [{"arm": "+".join(f.name for f, _ in runs), "selector": selector, "N": n,
+             **pool_evals([r for _, r in runs])} for (selector, n, _), runs in arms.items()]
     keys = {(tuple(r["tasks"]), tuple(r["runs"])) for r in rows}
     if len(keys) > 1:
         raise ValueError(f"evaluations differ in tasks or (seed, episodes) runs, not comparable: {sorted(keys)}")

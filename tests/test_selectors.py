@@ -397,31 +397,3 @@ def test_metaworld_evaluate_passes_the_selector() -> None:
     with pytest.raises(ValueError, match="selector"):
         evaluate(_SelectingPolicy, ["reach"], episodes_per_task=1, num_samples=3, progress=False)
 
-
-def _fake_eval(folder: Path, selector: str | None, n: int, seed: int, eps: int, rates: dict) -> Path:
-    import json
-
-    folder.mkdir(parents=True)
-    tasks = {t: {"success_rate": r, "policy_s": 1.0, "chunks": 10} for t, r in rates.items()}
-    (folder / "results.json").write_text(json.dumps({
-        "tasks": tasks, "mean_success": sum(rates.values()) / len(rates), "ci95": [0, 1], "episodes_per_task": eps,
-        "seed": seed, "num_samples": n, "selector": selector and {"type": selector}, "wall_time_s": 5.0}))
-    return folder
-
-
-def test_selector_benchmark_pools_the_seeds_of_one_arm(tmp_path: Path) -> None:
-    """Two runs of an arm (seed 0: 10 episodes, seed 1: 20) count as 30 episodes per task; arms that did not
-    run the same seeds are refused."""
-    from benchmarks.selectors import collect_evals
-
-    a = _fake_eval(tmp_path / "n1_s0", None, 1, 0, 10, {"reach": 0.5, "push": 1.0})
-    b = _fake_eval(tmp_path / "n1_s1", None, 1, 1, 20, {"reach": 0.8, "push": 0.5})
-    c = _fake_eval(tmp_path / "c16_s0", "consistency", 16, 0, 10, {"reach": 1.0, "push": 1.0})
-    d = _fake_eval(tmp_path / "c16_s1", "consistency", 16, 1, 20, {"reach": 1.0, "push": 0.9})
-    rows = {r["selector"]: r for r in collect_evals([a, b, c, d])}
-    assert rows["none"]["per_task"] == {"reach": 70, "push": 67}  # (5 + 16) / 30, (10 + 10) / 30
-    assert rows["none"]["success"] == round(100 * 41 / 60, 1) and rows["none"]["episodes_per_task"] == 30
-    assert rows["consistency"]["success"] == round(100 * 58 / 60, 1)
-    assert rows["none"]["ci95"][0] < rows["none"]["success"] < rows["none"]["ci95"][1]
-    with pytest.raises(ValueError, match="not comparable"):
-        collect_evals([a, b, c])
