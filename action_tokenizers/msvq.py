@@ -115,7 +115,12 @@ class MSVQTokenizer(ActionTokenizer):
     @property
     def groups(self) -> int:
         """G: separately quantized signals, 1 (the joint chunk) or A (``per_dimension``; needs the fitted A)."""
-        return self.action_dim if self.config.per_dimension else 1
+        if not self.config.per_dimension:
+            return 1
+        if self.action_dim is None:
+            raise RuntimeError("msvq per_dimension: the code layout depends on the action dim; fit (or load) the "
+                               "tokenizer first")
+        return self.action_dim
 
     @property
     def num_codes(self) -> int:

@@ -89,26 +89,51 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(ts) * 1000
 
 
+def _pct(num: float, den: float, digits: int = 1) -> float:
+    """Percent rounded half up (Python's ``round`` sends 62.5 to 62)."""
+    scale = 10 ** digits
+    return int(100 * scale * num / den + 0.5) / scale
+
+
+# What must agree before results of several runs may be pooled into one row.
+_SAME_ARM = ("policy", "selector", "num_samples", "policy_overrides", "n_action_steps_used", "max_steps")
+
+
 def pool_evals(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Several ``vla eval metaworld`` results.json dicts of ONE policy/arm (e.g. ``--seed 0`` and ``--seed 1``
     runs) -> one pooled row: successes over all their episodes and a Wilson interval on the total. The runs
-    must cover the same tasks; ``runs`` lists (seed, episodes per task) so callers can check that compared
-    rows ran the same evaluations."""
+    must be of the same policy, selector, N, overrides and tasks, each seed at most once; ``runs`` lists
+    (seed, episodes per task) so callers can check that compared rows ran the same evaluations. Note that
+    seeds draw from the same pool of held-out variations, so two seeds may share some variations."""
     from benchmarks.metaworld.evaluate import wilson_interval
 
+    for key in _SAME_ARM:
+        values = {json.dumps(r.get(key) or None, sort_keys=True) for r in results}  # older files: key absent
+        if len(values) > 1:
+            raise ValueError(f"pool_evals: the runs differ in {key!r} ({sorted(values)}); pool only runs of one arm")
+    seeds = [r["seed"] for r in results]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"pool_evals: seed repeated in {seeds}; the same episodes would count twice")
     tasks = sorted(results[0]["tasks"])
     if any(sorted(r["tasks"]) != tasks for r in results):
         raise ValueError(f"pooled evaluations ran different tasks: {[sorted(r['tasks']) for r in results]}")
-    eps = sum(r["episodes_per_task"] for r in results)
-    hits = {t: round(sum(r["tasks"][t]["success_rate"] * r["episodes_per_task"] for r in results)) for t in tasks}
-    total = sum(hits.values())
-    lo, hi = wilson_interval(total, eps * len(tasks))
+
+    def counts(t: dict, eps: int) -> tuple[int, int]:  # results.json has exact counts; older ones a rate
+        return (int(t["successes"]), int(t["episodes"])) if "successes" in t else (round(t["success_rate"] * eps), eps)
+
+    per = {t: [counts(r["tasks"][t], r["episodes_per_task"]) for r in results] for t in tasks}
+    hits = {t: sum(h for h, _ in v) for t, v in per.items()}
+    eps = {t: sum(n for _, n in v) for t, v in per.items()}
+    total, n = sum(hits.values()), sum(eps.values())
+    lo, hi = wilson_interval(total, n)
     chunks = sum(t.get("chunks", 0) for r in results for t in r["tasks"].values())
     policy_s = sum(t.get("policy_s", 0.0) for r in results for t in r["tasks"].values())
     one = len(results) == 1
     return {
-        "success": round(100 * total / (eps * len(tasks)), 1), "ci95": [round(100 * lo, 1), round(100 * hi, 1)],
-        "per_task": {t: round(100 * hits[t] / eps) for t in tasks}, "episodes_per_task": eps,
+        "success": _pct(total, n), "successes": total, "episodes": n,
+        "ci95": [_pct(lo, 1), _pct(hi, 1)],
+        "per_task": {t: _pct(hits[t], eps[t], 0) for t in tasks},
+        "episodes_per_task": sum(r["episodes_per_task"] for r in results),
         "runs": sorted((r["seed"], r["episodes_per_task"]) for r in results), "tasks": tasks,
         "in_loop_ms_per_chunk": round(1000 * policy_s / chunks, 1) if chunks else None,
         "wall_s": round(sum(r["wall_time_s"] for r in results), 1),

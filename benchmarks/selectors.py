@@ -73,12 +73,16 @@ def collect_evals(folders: list[Path]) -> list[dict]:
     arms: dict[tuple, list[tuple[Path, dict]]] = {}
     for f in folders:
         r = json.loads((Path(f) / "results.json").read_text())
-        sel = r.get("selector")
-        key = ((sel.get("type") if isinstance(sel, dict) else sel) or "none", int(r.get("num_samples") or 1),
-               json.dumps(r.get("policy_overrides") or []))
+        # an arm = everything pool_evals requires to agree; its folders (seeds) are pooled
+        key = json.dumps([r.get("policy"), r.get("selector"), int(r.get("num_samples") or 1),
+                          r.get("policy_overrides") or []], sort_keys=True)
         arms.setdefault(key, []).append((Path(f), r))
-    rows = [{"arm": "+".join(f.name for f, _ in runs), "selector": selector, "N": n,
-             **pool_evals([r for _, r in runs])} for (selector, n, _), runs in arms.items()]
+    rows = []
+    for runs in arms.values():
+        sel = runs[0][1].get("selector")
+        rows.append({"arm": "+".join(f.name for f, _ in runs),
+                     "selector": (sel.get("type") if isinstance(sel, dict) else sel) or "none",
+                     "N": int(runs[0][1].get("num_samples") or 1), **pool_evals([r for _, r in runs])})
     keys = {(tuple(r["tasks"]), tuple(r["runs"])) for r in rows}
     if len(keys) > 1:
         raise ValueError(f"evaluations differ in tasks or (seed, episodes) runs, not comparable: {sorted(keys)}")
@@ -92,7 +96,8 @@ def targets(success: list[dict], latency: list[dict]) -> dict:
     if base and n16:
         b = base[0]["success"]
         best = max(n16, key=lambda r: r["success"])
-        gain = round(best["success"] - b, 1)
+        exact = [r.get("successes", r["success"]) / r.get("episodes", 100) for r in (best, base[0])]
+        gain = round(100 * (exact[0] - exact[1]), 1)  # from counts, not from two rounded percentages
         out["success"] = {"baseline_N1": b, "best_N16": best["selector"], "best_N16_success": best["success"],
                           "gain_points": gain, "target_points": 5.0, "met": gain >= 5.0}
     lat = {}
@@ -120,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from vla.policy import VLAPolicy
 
-    previous = json.loads(Path(args.out).read_text()) if args.reuse_latency and Path(args.out).is_file() else None
+    if args.reuse_latency and not Path(args.out).is_file():
+        p.error(f"--reuse-latency: no earlier results at --out {args.out} to take the latency rows from")
+    previous = json.loads(Path(args.out).read_text()) if args.reuse_latency else None
     if previous is not None:
         latency, latency_run = previous["latency"], previous.get("latency_run") or {
             k: previous.get(k) for k in ("command", "commit", "machine", "date", "threads", "repeats")}

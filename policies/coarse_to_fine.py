@@ -88,29 +88,50 @@ class CoarseToFineHead(TokenHead):
         nn.init.normal_(self.slot_emb.weight, std=d ** -0.5)
         if self.dim_emb is not None:
             nn.init.normal_(self.dim_emb.weight, std=d ** -0.5)
-        self._layout: tuple | None = None  # (scale sizes, mask, slot ids, dim ids) of the fitted tokenizer
+        self._layout: dict = {}  # device -> (scale sizes, mask, slot ids, dim ids) of the fitted tokenizer
 
-    def layout(self) -> tuple[list[int], Tensor, Tensor, Tensor]:
-        """Of the fitted tokenizer: codes per scale, the (1 + L, 1 + L) block-causal mask, and each code
-        token's position slot and dimension ids (L,)."""
+    def fit_tokenizer(self, chunks) -> None:
+        super().fit_tokenizer(chunks)
+        self._check_tokenizer()
+
+    def load_assets(self, path) -> None:
+        super().load_assets(path)
+        self._check_tokenizer()
+
+    def _check_tokenizer(self) -> None:
+        """A pre-fitted tokenizer (``tokenizer_path``, a checkpoint's) must have the scales and layout the
+        slot / dimension tables were built for, else tokens would silently get the wrong embeddings."""
+        self._layout = {}
+        tok, want = self.tokenizer.config, self.cfg.tokenizer
+        if list(tok.scales) != self.scales or bool(tok.per_dimension) != bool(want.per_dimension):
+            raise ValueError(f"coarse_to_fine: the fitted msvq tokenizer has scales={list(tok.scales)}, "
+                             f"per_dimension={tok.per_dimension}; the head was built for scales={self.scales}, "
+                             f"per_dimension={want.per_dimension} (head.tokenizer.*)")
+
+    def layout(self, device: torch.device | str = "cpu") -> tuple[list[int], Tensor, Tensor, Tensor]:
+        """Of the fitted tokenizer, on ``device``: codes per scale, the (1 + L, 1 + L) block-causal mask, and
+        each code token's position slot and dimension ids (L,). Built once per device."""
         sizes = self._require_tokenizer().scale_sizes()
-        if self._layout is None or self._layout[0] != sizes:
+        device = torch.device(device)
+        cached = self._layout.get(device)
+        if cached is None or cached[0] != sizes:
             g = sizes[0] // self.scales[0]
             starts = [sum(self.scales[:k]) for k in range(len(self.scales))]
             slot = torch.cat([torch.arange(st, st + s).repeat_interleave(g) for st, s in zip(starts, self.scales)])
             dim = torch.cat([torch.arange(g).repeat(s) for s in self.scales])
-            self._layout = (sizes, block_causal_mask(sizes), slot, dim)
-        return self._layout
+            cached = (sizes, block_causal_mask(sizes).to(device), slot.to(device), dim.to(device))
+            self._layout[device] = cached
+        return cached
 
     def _tokens(self, latents: Tensor, start: int) -> Tensor:
         """Scale inputs (M, s, D) (double, from the tokenizer) for code tokens ``start:start + s`` ->
         (M, s, hidden) suffix tokens."""
-        _, _, slot, dim = self.layout()
         w = self.latent_in.weight
+        _, _, slot, dim = self.layout(w.device)
         end = start + latents.shape[1]
-        emb = self.slot_emb.weight[slot[start:end].to(w.device)]
+        emb = self.slot_emb.weight[slot[start:end]]
         if self.dim_emb is not None:
-            emb = emb + self.dim_emb.weight[dim[start:end].to(w.device)]
+            emb = emb + self.dim_emb.weight[dim[start:end]]
         return self.latent_in(latents.to(device=w.device, dtype=w.dtype)) + emb
 
     # --- training -----------------------------------------------------------------------------
@@ -118,7 +139,7 @@ class CoarseToFineHead(TokenHead):
         """Teacher forcing, all scales in one pass: codes (B, L) -> logits (B, L, K_codebook), hidden (B, L, d)."""
         inputs = self._require_tokenizer().teacher_inputs(codes.cpu())  # (B, L, D)
         x = torch.cat([self.state_token(prefix), self._tokens(inputs, 0)], 1)
-        h = backbone.extend(x, prefix, self.layout()[1].to(x.device))[:, 1:]
+        h = backbone.extend(x, prefix, self.layout(x.device)[1])[:, 1:]
         return self.code_out(h), h
 
     # --- sampling: one forward pass per scale -------------------------------------------------
@@ -135,10 +156,10 @@ class CoarseToFineHead(TokenHead):
         expected = temp == 0 and self.cfg.greedy == "expected"
 
         # Pass 1 (B rows): the state token and scale 0's slots, which read no sampled code.
-        sizes, mask, _, _ = self.layout()
+        sizes, mask, _, _ = self.layout(prefix.hidden.device)
         s0 = sizes[0]
         x = torch.cat([self.state_token(prefix), self._tokens(tok.scale_input(tok.empty_latent(b), 0), 0)], 1)
-        h, ctx = backbone.extend(x, prefix, mask[: 1 + s0, : 1 + s0].to(x.device), return_prefix=True)
+        h, ctx = backbone.extend(x, prefix, mask[: 1 + s0, : 1 + s0], return_prefix=True)
         h = h[:, 1:].repeat_interleave(n, 0)
         ctx = ctx.repeat(n)
         f_hat = tok.empty_latent(b * n)

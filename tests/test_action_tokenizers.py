@@ -344,6 +344,14 @@ def test_msvq_per_dimension_codes_each_dimension_on_its_own(tmp_path):
     tok.save_pretrained(tmp_path / "tok")
     again = ActionTokenizer.from_pretrained(tmp_path / "tok")
     np.testing.assert_array_equal(again.encode(DATA[:8])[0], codes[:8])
+    # encoder side: changing one input dimension changes only that dimension's codes (position l is dim l % A)
+    for dim in range(A):
+        x = DATA[:16].copy()
+        x[..., dim] = x[..., ::-1, dim]  # reverse that dimension in time
+        changed = (tok.encode(x)[0] != codes[:16]).any(0)
+        assert changed[dim::A].any() and not np.delete(changed.reshape(-1, A), dim, axis=1).any(), dim
+    with pytest.raises(RuntimeError, match="fit .*first"):
+        tokenizer_config_class("msvq")(per_dimension=True).build().num_codes
 
 
 @pytest.mark.parametrize("per_dimension", [False, True])

@@ -35,6 +35,18 @@ def test_selector_benchmark_pools_the_seeds_of_one_arm(tmp_path: Path) -> None:
         collect_evals([a, b, c])
 
 
+def test_pooling_refuses_a_repeated_seed_and_other_policies(tmp_path: Path) -> None:
+    from benchmarks.common import pool_evals
+
+    a = json.loads((_fake_eval(tmp_path / "a", None, 1, 0, 10, {"reach": 0.5}) / "results.json").read_text())
+    with pytest.raises(ValueError, match="seed repeated"):
+        pool_evals([a, dict(a)])
+    with pytest.raises(ValueError, match="differ in 'policy'"):
+        pool_evals([a, {**a, "seed": 1, "policy": "other"}])
+    half = {**a, "tasks": {"reach": {"success_rate": 0.625, "successes": 5, "episodes": 8}}, "episodes_per_task": 8}
+    assert pool_evals([half])["per_task"] == {"reach": 63}  # exact counts, rounded half up
+
+
 def test_heads_benchmark_pools_comma_separated_results(tmp_path: Path) -> None:
     from benchmarks.heads import success_rows
 

@@ -320,6 +320,37 @@ def test_coarse_to_fine_per_dimension_mask_is_block_causal_over_all_dims_of_a_sc
     assert not torch.allclose(x[:, seen:], y[:, seen:])
 
 
+def test_coarse_to_fine_per_dimension_with_fewer_dims_than_max_action_dim() -> None:
+    """A dataset with A < max_action_dim: A codes per position, padded action dims stay 0, and the cached
+    sampler still agrees with teacher forcing."""
+    torch.manual_seed(0)
+    backbone = next(v for k, v in backbone_variants().items() if k.startswith("timm_lm"))
+    policy = VLAPolicy(tiny_policy_config(backbone, copy.deepcopy(HEADS["coarse_to_fine_per_dim"]))).eval()
+    a = policy.config.max_action_dim - 1
+    policy.head.fit_tokenizer(np.random.default_rng(0).standard_normal((128, policy.config.chunk_size, a)))
+    head = policy.head
+    assert head.layout()[0] == [s * a for s in head.scales]
+    prefix = policy.encode(random_observation(policy, batch=2))
+    recorded, orig_pick = [], head.pick
+    head.pick = lambda *args: recorded.append(orig_pick(*args)) or recorded[-1]
+    out = head.sample(policy.backbone, prefix, num_samples=1, temperature=0)
+    head.pick = orig_pick
+    assert out.shape[-1] == policy.config.max_action_dim and (out[..., a:] == 0).all()
+    codes = torch.cat(recorded, 1)
+    assert torch.equal(head.logits(policy.backbone, prefix, codes)[0].argmax(-1), codes)
+
+
+def test_coarse_to_fine_refuses_a_tokenizer_of_another_layout(tmp_path: Path) -> None:
+    """head.tokenizer_path pointing at a per-dimension tokenizer for a joint head (or other scales) is an error,
+    not silently wrong slot embeddings."""
+    per_dim = _policy(HEADS["coarse_to_fine_per_dim"]).head.tokenizer
+    per_dim.save_pretrained(tmp_path / "tok")
+    cfg = copy.deepcopy(HEADS["coarse_to_fine"])
+    cfg.tokenizer_path = str(tmp_path / "tok")
+    with pytest.raises(ValueError, match="per_dimension=True; the head was built for .*per_dimension=False"):
+        _policy(cfg)
+
+
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_save_reload_keeps_the_tokenizer(name: str, tmp_path: Path) -> None:
     policy = _policy(HEADS[name])
