@@ -92,7 +92,8 @@ def median_ms(fn, repeats: int) -> float:
 def _pct(num: float, den: float, digits: int = 1) -> float:
     """Percent rounded half up (Python's ``round`` sends 62.5 to 62)."""
     scale = 10 ** digits
-    return int(100 * scale * num / den + 0.5) / scale
+    value = int(100 * scale * num / den + 0.5)
+    return value / scale if digits else value
 
 
 # What must agree before results of several runs may be pooled into one row.
