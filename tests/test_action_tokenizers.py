@@ -318,6 +318,22 @@ def test_spherical_grid_has_no_per_position_values():
     assert tok.code_values() is None
 
 
+def test_msvq_joint_layout_keeps_the_saved_shapes():
+    """per_dimension=False must load checkpoints saved before the option existed: same state-dict keys and
+    shapes (ungrouped convs, one (K, D) codebook)."""
+    tok = fitted("msvq")
+    cfg = tok.config
+    shapes = {k: tuple(v.shape) for k, v in tok.modules.state_dict().items()}
+    assert shapes == {
+        "encoder.net.0.weight": (cfg.hidden, A, 3), "encoder.net.0.bias": (cfg.hidden,),
+        "encoder.net.2.weight": (cfg.hidden, cfg.hidden, 3), "encoder.net.2.bias": (cfg.hidden,),
+        "encoder.net.4.weight": (cfg.latent_dim, cfg.hidden, 1), "encoder.net.4.bias": (cfg.latent_dim,),
+        "decoder.net.0.weight": (cfg.hidden, cfg.latent_dim, 3), "decoder.net.0.bias": (cfg.hidden,),
+        "decoder.net.2.weight": (cfg.hidden, cfg.hidden, 3), "decoder.net.2.bias": (cfg.hidden,),
+        "decoder.net.4.weight": (A, cfg.hidden, 1), "decoder.net.4.bias": (A,),
+        "codebook.weight": (cfg.codebook_size, cfg.latent_dim)}
+
+
 @functools.lru_cache(maxsize=None)
 def msvq_per_dim() -> ActionTokenizer:
     cfg = tokenizer_config_class("msvq").tiny()
