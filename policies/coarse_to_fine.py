@@ -111,11 +111,12 @@ class CoarseToFineHead(TokenHead):
     def layout(self, device: torch.device | str = "cpu") -> tuple[list[int], Tensor, Tensor, Tensor]:
         """Of the fitted tokenizer, on ``device``: codes per scale, the (1 + L, 1 + L) block-causal mask, and
         each code token's position slot and dimension ids (L,). Built once per device."""
-        sizes = self._require_tokenizer().scale_sizes()
+        tok = self._require_tokenizer()
+        sizes = tok.scale_sizes()
         device = torch.device(device)
         cached = self._layout.get(device)
         if cached is None or cached[0] != sizes:
-            g = sizes[0] // self.scales[0]
+            g = tok.groups
             starts = [sum(self.scales[:k]) for k in range(len(self.scales))]
             slot = torch.cat([torch.arange(st, st + s).repeat_interleave(g) for st, s in zip(starts, self.scales)])
             dim = torch.cat([torch.arange(g).repeat(s) for s in self.scales])

@@ -27,7 +27,7 @@ from vla.checkpoint import (
 )
 from vla.config import EXECUTION_FIELDS, PolicyConfig, TrainConfig, to_dict
 from vla.ema import EMA, load_trainable_state, trainable_state
-from vla.policy import VLAPolicy
+from vla.policy import VLAPolicy, load_policy_config
 from vla.sampler import ResumableBatchSampler
 from vla.schedule import make_optimizer
 
@@ -282,7 +282,6 @@ def init_policy(path: str | Path, run: PolicyConfig) -> VLAPolicy:
 def saved_policy_config(path: str | Path) -> PolicyConfig:
     """The PolicyConfig of a checkpoint folder (a LoRA adapter's: its base's)."""
     from vla.lora import ADAPTER_CONFIG_NAME, read_adapter_config
-    from vla.policy import load_policy_config
 
     path = Path(path)
     if (path / ADAPTER_CONFIG_NAME).exists():

@@ -162,21 +162,22 @@ def build_feature_cache(dataset, preprocessor, backbone, *, views: int, seed: in
     if views < 1:
         raise ValueError(f"cache_features: expected the number of augmented views >= 1, got {views}")
     check_cacheable(backbone)
+    path = None
     if cache_dir is not None:
         key = cache_key(dataset, preprocessor, backbone, views=views, seed=seed, batch_size=batch_size, bf16=bf16,
                         device=device)
         path = Path(cache_dir) / f"features-{key}.pt"
-        if path.is_file():
-            t0 = time.perf_counter()
-            cache = load_feature_cache(path)
-            log.info("feature cache: loaded %s (%d frames x %d views) in %.1f s", path, len(cache), cache.num_views,
-                     time.perf_counter() - t0)
-            return cache
-        cache = _encode_all(dataset, preprocessor, backbone, views, seed, batch_size, num_workers, bf16, device)
+    if path is not None and path.is_file():
+        t0 = time.perf_counter()
+        cache = load_feature_cache(path)
+        log.info("feature cache: loaded %s (%d frames x %d views) in %.1f s", path, len(cache), cache.num_views,
+                 time.perf_counter() - t0)
+        return cache
+    cache = _encode_all(dataset, preprocessor, backbone, views, seed, batch_size, num_workers, bf16, device)
+    if path is not None:
         save_feature_cache(cache, path)
         log.info("feature cache: saved to %s", path)
-        return cache
-    return _encode_all(dataset, preprocessor, backbone, views, seed, batch_size, num_workers, bf16, device)
+    return cache
 
 
 def _encode_all(dataset, preprocessor, backbone, views: int, seed: int, batch_size: int, num_workers: int,
