@@ -101,20 +101,24 @@ _SAME_ARM = ("policy", "selector", "num_samples", "policy_overrides", "n_action_
 
 
 def pool_evals(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Several ``vla eval metaworld`` results.json dicts of ONE policy/arm (e.g. ``--seed 0`` and ``--seed 1``
-    runs) -> one pooled row: successes over all their episodes and a Wilson interval on the total. The runs
-    must be of the same policy, selector, N, overrides and tasks, each seed at most once; ``runs`` lists
-    (seed, episodes per task) so callers can check that compared rows ran the same evaluations. Note that
-    seeds draw from the same pool of held-out variations, so two seeds may share some variations."""
+    """Several ``vla eval metaworld`` results.json dicts of ONE policy/arm (e.g. ``--episodes 10`` and
+    ``--first-episode 10 --episodes 20`` runs, or ``--seed 0`` and ``--seed 1``) -> one pooled row: successes
+    over all their episodes and a Wilson interval on the total. The runs must be of the same policy, selector,
+    N, overrides and tasks, and no episode (seed, index) may be in two runs; ``runs`` lists (seed, first
+    episode, episodes per task) so callers can check that compared rows ran the same evaluations. Note that
+    two seeds draw from the same pool of held-out variations and may share some; episode ranges of one seed
+    never do."""
     from benchmarks.metaworld.evaluate import wilson_interval
 
     for key in _SAME_ARM:
         values = {json.dumps(r.get(key) or None, sort_keys=True) for r in results}  # older files: key absent
         if len(values) > 1:
             raise ValueError(f"pool_evals: the runs differ in {key!r} ({sorted(values)}); pool only runs of one arm")
-    seeds = [r["seed"] for r in results]
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"pool_evals: seed repeated in {seeds}; the same episodes would count twice")
+    runs = sorted((r["seed"], r.get("first_episode", 0), r["episodes_per_task"]) for r in results)
+    for (s0, f0, n0), (s1, f1, _) in zip(runs, runs[1:]):
+        if s0 == s1 and f1 < f0 + n0:
+            raise ValueError(f"pool_evals: runs (seed, first episode, episodes) {runs} overlap at seed {s0}; "
+                             "the same episodes would count twice")
     tasks = sorted(results[0]["tasks"])
     if any(sorted(r["tasks"]) != tasks for r in results):
         raise ValueError(f"pooled evaluations ran different tasks: {[sorted(r['tasks']) for r in results]}")
@@ -135,7 +139,7 @@ def pool_evals(results: list[dict[str, Any]]) -> dict[str, Any]:
         "ci95": [_pct(lo, 1), _pct(hi, 1)],
         "per_task": {t: _pct(hits[t], eps[t], 0) for t in tasks},
         "episodes_per_task": sum(r["episodes_per_task"] for r in results),
-        "runs": sorted((r["seed"], r["episodes_per_task"]) for r in results), "tasks": tasks,
+        "runs": runs, "tasks": tasks,
         "in_loop_ms_per_chunk": round(1000 * policy_s / chunks, 1) if chunks else None,
         "wall_s": round(sum(r["wall_time_s"] for r in results), 1),
         "command": results[0].get("command") if one else [r.get("command") for r in results],

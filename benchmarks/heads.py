@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="measure under bf16 autocast (as trained)")
-    p.add_argument("--eval", action="append", default=[], help="NAME=results.json of `vla eval metaworld` (NAME=A.json,B.json pools seeds)")
+    p.add_argument("--eval", action="append", default=[], help="NAME=results.json of `vla eval metaworld` (NAME=A.json,B.json pools runs: other seeds, later episodes)")
     p.add_argument("--skip-latency", action="store_true", help="only read the --eval results (no latency rows)")
     p.add_argument("--out", default="benchmarks/results/heads.json")
     args = p.parse_args(argv)

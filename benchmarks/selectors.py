@@ -67,9 +67,9 @@ def measure_latency(policy: Any, selectors: list[str], samples: list[int], repea
 
 
 def collect_evals(folders: list[Path]) -> list[dict]:
-    """One row per arm (selector, N, overrides). Several folders of one arm (e.g. ``--seed 0`` and ``--seed 1``
-    runs) are pooled (``pool_evals``). Every arm must have run the same tasks on the same (seed, episodes per
-    task) runs, so arms stay comparable."""
+    """One row per arm (selector, N, overrides). Several folders of one arm (``--seed 0`` and ``--seed 1`` runs,
+    or later episodes with ``--first-episode``) are pooled (``pool_evals``). Every arm must have run the same
+    tasks on the same (seed, first episode, episodes per task) runs, so arms stay comparable."""
     arms: dict[tuple, list[tuple[Path, dict]]] = {}
     for f in folders:
         r = json.loads((Path(f) / "results.json").read_text())
@@ -111,7 +111,7 @@ def targets(success: list[dict], latency: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="checkpoint (with selector/ for cfn)")
-    p.add_argument("--evals", nargs="*", default=[], help="`vla eval metaworld` output folders; several of one arm (other seeds) are pooled")
+    p.add_argument("--evals", nargs="*", default=[], help="`vla eval metaworld` output folders; several of one arm (other seeds, later episodes) are pooled")
     p.add_argument("--selectors", nargs="+", default=["first", "consistency", "cfn"])
     p.add_argument("--samples", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--repeats", type=int, default=20)

@@ -35,12 +35,16 @@ def test_selector_benchmark_pools_the_seeds_of_one_arm(tmp_path: Path) -> None:
         collect_evals([a, b, c])
 
 
-def test_pooling_refuses_a_repeated_seed_and_other_policies(tmp_path: Path) -> None:
+def test_pooling_refuses_overlapping_episodes_and_other_policies(tmp_path: Path) -> None:
     from benchmarks.common import pool_evals
 
     a = json.loads((_fake_eval(tmp_path / "a", None, 1, 0, 10, {"reach": 0.5}) / "results.json").read_text())
-    with pytest.raises(ValueError, match="seed repeated"):
+    with pytest.raises(ValueError, match="overlap at seed 0"):
         pool_evals([a, dict(a)])
+    with pytest.raises(ValueError, match="overlap at seed 0"):  # episodes 9.. of seed 0 repeat episode 9
+        pool_evals([a, {**a, "first_episode": 9}])
+    later = pool_evals([{**a, "first_episode": 10, "episodes_per_task": 20}, a])  # episodes 0-9 and 10-29
+    assert later["runs"] == [(0, 0, 10), (0, 10, 20)] and later["episodes"] == 30
     with pytest.raises(ValueError, match="differ in 'policy'"):
         pool_evals([a, {**a, "seed": 1, "policy": "other"}])
     half = {**a, "tasks": {"reach": {"success_rate": 0.625, "successes": 5, "episodes": 8}}, "episodes_per_task": 8}
@@ -53,6 +57,6 @@ def test_heads_benchmark_pools_comma_separated_results(tmp_path: Path) -> None:
     a = _fake_eval(tmp_path / "s0", None, 1, 0, 10, {"reach": 0.5, "push": 1.0})
     b = _fake_eval(tmp_path / "s1", None, 1, 1, 20, {"reach": 0.8, "push": 0.5})
     (row,) = success_rows([f"parallel={a / 'results.json'},{b / 'results.json'}"])
-    assert row["head"] == "parallel" and row["success"] == round(100 * 41 / 60, 1) and row["runs"] == [(0, 10), (1, 20)]
+    assert row["head"] == "parallel" and row["success"] == round(100 * 41 / 60, 1) and row["runs"] == [(0, 0, 10), (1, 0, 20)]
     with pytest.raises(SystemExit, match="expected NAME=PATH"):
         success_rows(["parallel"])

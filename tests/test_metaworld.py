@@ -129,6 +129,17 @@ def test_expert_evaluation_and_report(tmp_path):
     assert 'src="success_by_task.png"' in page and 'src="videos/reach-v3_ep000.mp4"' in page
     assert json.loads(paths["json"].read_text())["tasks"]["reach-v3"]["successes"] == r["successes"]
 
+    # first_episode=4 runs episodes 4-5 of the same sequence: what the 6-episode run did there, no other ones
+    later = evaluate(ScriptedExpertPolicy, ["reach"], episodes_per_task=2, seed=0, workers=1, first_episode=4,
+                     video_dir=tmp_path / "later", videos_per_task=1, image_size=64, progress=False)
+    t = later["tasks"]["reach-v3"]
+    assert later["first_episode"] == 4 and t["episodes"] == 2
+    for key in ("variations", "seeds", "episode_lengths", "successful"):
+        assert t[key] == r[key][4:], key
+    assert [v["path"] for v in t["videos"]] == [str(tmp_path / "later" / "reach-v3_ep004.mp4")]
+    with pytest.raises(ValueError, match="first_episode: expected an int >= 0"):
+        evaluate(ScriptedExpertPolicy, ["reach"], first_episode=-1, progress=False)
+
 
 @pytest.mark.parametrize(
     "policy, workers, message",

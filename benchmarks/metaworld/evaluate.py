@@ -192,8 +192,14 @@ def evaluate(
     num_samples: int = 1,
     selector: str | dict | None = None,
     policy_overrides: Sequence[str] = (),
+    first_episode: int = 0,
 ) -> dict[str, Any]:
     """Success rate per task over `episodes_per_task` held-out variations.
+
+    Episode i of a run (its variation and its seed) depends only on (task, `seed`, i), so `first_episode=K`
+    runs episodes K .. K + n - 1 of the same sequence: `--episodes 10` and then `--first-episode 10 --episodes 20`
+    are together exactly one 30-episode run, with no variation twice (another `seed` re-draws from the same
+    pools of held-out variations, so two seeds can share variations).
 
     `cameras` and `image_size` must be those of the policy's training data; `cameras=None` reads them
     from a checkpoint's preprocessor (its camera map), else uses the close-up corner2 camera.
@@ -204,6 +210,8 @@ def evaluate(
         raise ValueError(f"episodes_per_task: expected >= 1, received {episodes_per_task}")
     if max_steps < 1:
         raise ValueError(f"max_steps: expected >= 1, received {max_steps}")
+    if not isinstance(first_episode, int) or first_episode < 0:
+        raise ValueError(f"first_episode: expected an int >= 0, received {first_episode!r}")
     if n_action_steps is not None and n_action_steps < 1:
         raise ValueError(f"n_action_steps: expected >= 1 or None (the policy's own), received {n_action_steps}")
     if not isinstance(policy, (str, Path)) and not callable(policy):
@@ -230,9 +238,11 @@ def evaluate(
     start = time.perf_counter()
     jobs = []
     for task in task_list:
-        for i, (ps, pi, var) in enumerate(variations(task, "eval", episodes_per_task, seed)):
+        drawn = variations(task, "eval", first_episode + episodes_per_task, seed)[first_episode:]
+        for i, (ps, pi, var) in enumerate(drawn, start=first_episode):
             ep_seed = int(np.random.SeedSequence([seed, zlib.crc32(task.encode()), i]).generate_state(1)[0])
-            video = str(videos / f"{task}_ep{i:03d}.mp4") if videos is not None and i < videos_per_task else None
+            video = (str(videos / f"{task}_ep{i:03d}.mp4")
+                     if videos is not None and i - first_episode < videos_per_task else None)
             jobs.append(dict(task=task, episode=i, pool_seed=ps, pool_index=pi, variation=var, cameras=cams,
                              image_size=int(image_size), max_steps=int(max_steps), n_action_steps=n_action_steps,
                              episode_seed=ep_seed, video=video))
@@ -264,7 +274,8 @@ def evaluate(
         "mean_success": float(np.mean([t["success_rate"] for t in per_task.values()])),
         "ci95": [round(x, 4) for x in wilson_interval(total, n)],
         "interval_method": "Wilson score, 95%, over episodes (per task and pooled for the mean)",
-        "episodes_per_task": episodes_per_task, "seed": seed, "workers": workers, "max_steps": max_steps,
+        "episodes_per_task": episodes_per_task, "seed": seed, "first_episode": first_episode,
+        "workers": workers, "max_steps": max_steps,
         "n_action_steps": n_action_steps, "num_samples": num_samples, "selector": selector,
         "policy_overrides": list(policy_overrides),
         "n_action_steps_used": sorted({e["n_action_steps"] or 0 for e in episodes}),  # 0: whole chunks
@@ -283,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("outputs/eval_metaworld"), help="report directory")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--first-episode", type=int, default=0,
+                   help="run episodes K.. of the seed's sequence (more episodes later, none repeated)")
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
     p.add_argument("--n-action-steps", type=int, default=None, help="default: the policy's config")
     p.add_argument("--videos-per-task", type=int, default=1)
@@ -334,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        args.n_action_steps, args.out / "videos", args.videos_per_task,
                        tuple(c for c in args.cameras.split(",") if c) if args.cameras else None,
                        args.image_size, args.device,
-                       not args.no_progress, args.num_samples, _selector_spec(args), overrides)
+                       not args.no_progress, args.num_samples, _selector_spec(args), overrides,
+                       args.first_episode)
     results["commit"] = commit
     paths = write_report(results, args.out)
     width = max(len(t) for t in results["tasks"])
