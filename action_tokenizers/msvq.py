@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from action_tokenizers.base import ActionTokenizer, TokenizerConfig
+from action_tokenizers.base import ActionTokenizer, TokenizerConfig, as_chunks
 
 
 @TokenizerConfig.register_subclass("msvq")
@@ -193,6 +193,40 @@ class MSVQTokenizer(ActionTokenizer):
             f_hat = f_hat + self._latent_of(q_st)
             codes.append(k)
         return f_hat, torch.cat(codes, dim=1), loss
+
+    def noisy_codes(self, actions, rate: float, near: int = 4, generator=None):
+        """Codes for training a coarse-to-fine head to recover from its own mistakes (scheduled sampling
+        without a second forward pass): ``actions`` (N, H, A) -> ``used`` and ``target`` (N, L) long.
+
+        Quantizes like ``encode``, but each code of a scale that is not the finest is, with probability
+        ``rate``, replaced in ``used`` by one of its residual's ``near`` next-nearest codebook entries — the
+        near-miss a head makes — and the finer scales quantize what is still missing after THAT code. ``target``
+        holds the nearest code at every position given what was used before it, so a scale read from a
+        mistaken reconstruction learns to correct it. With ``rate=0`` both equal ``encode``'s codes."""
+        import torch
+
+        self._require_fitted("noisy_codes")
+        if not 0 <= rate < 1:
+            raise ValueError(f"rate: expected 0 <= rate < 1, received {rate!r}")
+        near = min(int(near), self.config.codebook_size - 1)
+        book, table = self._book(), self.modules["codebook"].weight
+        x = torch.from_numpy(self._check_shape(as_chunks(actions))).to(table.dtype)
+        with torch.no_grad():
+            f = self.modules["encoder"](x)
+            f_hat, used, target = torch.zeros_like(f), [], []
+            for k, s in enumerate(self.config.scales):
+                r = self._tokens_at(f - f_hat, s)  # (N, s*G, D)
+                order = torch.cdist(self._per_group(r), book).argsort(-1)[..., : near + 1]  # (G, N*s, 1+near)
+                ranked = self._from_groups(order, len(r))  # (N, s*G, 1+near), nearest first
+                best, used_k = ranked[..., 0], ranked[..., 0]
+                if k < len(self.config.scales) - 1 and near > 0 and rate > 0:  # the finest scale feeds nothing
+                    flip = torch.rand(best.shape, generator=generator) < rate
+                    pick = torch.randint(1, near + 1, best.shape, generator=generator)
+                    used_k = torch.where(flip, ranked.gather(-1, pick[..., None])[..., 0], best)
+                f_hat = f_hat + self._latent_of(table[self._code_rows(used_k)])
+                used.append(used_k)
+                target.append(best)
+        return torch.cat(used, 1), torch.cat(target, 1)
 
     def _codes_to_latent(self, codes):
         f_hat = self.empty_latent(codes.shape[0])

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from action_tokenizers.base import TokenizerConfig
@@ -48,6 +49,10 @@ class CoarseToFineConfig(HeadConfig):
     # What temperature 0 decodes: "argmax" (each slot's most likely code) or "expected" (each scale adds the
     # probability-weighted mean of the codebook vectors; the next scale reads that reconstruction).
     greedy: str = "argmax"
+    # Training only: the probability that a code of a coarser scale is replaced, in the inputs of the finer
+    # scales, by a near-miss code, the finer targets then correcting it (``MSVQTokenizer.noisy_codes``). Teacher
+    # forcing alone never shows a scale a wrong coarser reconstruction, which greedy decoding then feeds it.
+    code_noise: float = 0.0
 
     @classmethod
     def tiny(cls) -> "CoarseToFineConfig":
@@ -77,6 +82,8 @@ class CoarseToFineHead(TokenHead):
         super().__init__(cfg.tokenizer, cfg.tokenizer_path, chunk_size, action_dim, state_dim, backbone.hidden_size)
         self.cfg = cfg
         check_decoding(cfg, self.tokenizer, per_position=False)
+        if not 0 <= cfg.code_noise < 1:
+            raise ValueError(f"head.code_noise: expected 0 <= code_noise < 1, received {cfg.code_noise!r}")
         self.scales = list(cfg.tokenizer.scales)
         d = backbone.hidden_size
         self.latent_in = nn.Linear(cfg.tokenizer.latent_dim, d)
@@ -142,6 +149,18 @@ class CoarseToFineHead(TokenHead):
         x = torch.cat([self.state_token(prefix), self._tokens(inputs, 0)], 1)
         h = backbone.extend(x, prefix, self.layout(x.device)[1])[:, 1:]
         return self.code_out(h), h
+
+    def loss(self, backbone: Backbone, prefix: Prefix, actions: Tensor, is_pad: Tensor, **kw) -> Tensor:
+        """(B, H) per-step NLL; in train mode with ``code_noise`` > 0 the finer scales read near-miss coarser
+        codes and learn to correct them (then it is no longer the clean chunk's exact NLL)."""
+        if not (self.training and self.cfg.code_noise > 0):
+            return super().loss(backbone, prefix, actions, is_pad, **kw)
+        tok = self.check_action_dims(prefix.extras.get("action_dim_mask"))
+        used, target = tok.noisy_codes(actions[..., : tok.action_dim], self.cfg.code_noise)
+        used, target = used.to(actions.device), target.to(actions.device)
+        logits, _ = self.logits(backbone, prefix, used)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")  # (B, L)
+        return self.step_loss(nll, torch.ones_like(target, dtype=torch.bool), is_pad)
 
     # --- sampling: one forward pass per scale -------------------------------------------------
     @torch.no_grad()

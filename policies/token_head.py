@@ -125,13 +125,18 @@ class TokenHead(ActionHead):
         self.tokenizer = ActionTokenizer.from_pretrained(src)
 
     # --- actions <-> codes ------------------------------------------------------------------
-    def encode_actions(self, actions: Tensor, dim_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Normalized (B, H, A_max) -> codes (B, L) long and code mask (B, L) bool on the actions' device."""
+    def check_action_dims(self, dim_mask: Tensor | None) -> ActionTokenizer:
+        """The fitted tokenizer, after checking that no row has more valid action dims than it was fitted on."""
         tok = self._require_tokenizer()
         if dim_mask is not None:
             n_valid = int(dim_mask.sum(-1).max())
             if n_valid > tok.action_dim:
                 raise ValueError(f"actions have {n_valid} valid dims but the tokenizer was fitted on {tok.action_dim}")
+        return tok
+
+    def encode_actions(self, actions: Tensor, dim_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Normalized (B, H, A_max) -> codes (B, L) long and code mask (B, L) bool on the actions' device."""
+        tok = self.check_action_dims(dim_mask)
         codes, mask = tok.encode(actions[..., : tok.action_dim].detach().float().cpu().numpy())
         dev = actions.device
         return torch.from_numpy(codes).to(dev), torch.from_numpy(mask).to(dev)

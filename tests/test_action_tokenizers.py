@@ -382,6 +382,28 @@ def test_msvq_expected_scale_with_one_hot_probabilities_is_add_scale(per_dimensi
     np.testing.assert_allclose(tok.decode_latent(f_soft).detach().numpy(), tok.decode(codes.numpy())[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("per_dimension", [False, True])
+def test_msvq_noisy_codes_finer_scales_correct_the_coarse_near_misses(per_dimension):
+    """noisy_codes: rate 0 is encode; otherwise coarse codes in ``used`` are near misses, never at the finest
+    scale, and the finer targets correct them: decoding ``used`` with those finer codes beats keeping the
+    mistakes and the clean encoding's finer codes."""
+    tok = msvq_per_dim() if per_dimension else fitted("msvq")
+    codes = tok.encode(DATA)[0]
+    used, target = tok.noisy_codes(DATA, 0.0)
+    np.testing.assert_array_equal(used.numpy(), codes)
+    np.testing.assert_array_equal(target.numpy(), codes)
+    used, target = tok.noisy_codes(DATA, 0.5, generator=torch.Generator().manual_seed(0))
+    finest, coarse = tok.scale_slices()[-1], slice(0, tok.scale_slices()[-1].start)
+    assert torch.equal(used[:, finest], target[:, finest])
+    assert 0.3 < (used[:, coarse] != target[:, coarse]).float().mean() < 0.7
+    err = lambda c: ((tok.decode(c)[0] - DATA) ** 2).mean()  # noqa: E731
+    kept = used.numpy().copy()
+    kept[:, finest] = codes[:, finest]  # the mistakes, then what the clean encoding would have added
+    assert err(used.numpy()) < 0.9 * err(kept)
+    with pytest.raises(ValueError, match="rate: expected 0 <= rate < 1"):
+        tok.noisy_codes(DATA, 1.0)
+
+
 def test_make_chunks_never_crosses_episodes():
     actions = np.arange(10, dtype=float)[:, None]
     ep = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])

@@ -37,6 +37,8 @@ HEADS = {
     "coarse_to_fine_repeated": CoarseToFineConfig(tokenizer=_tok("msvq", scales=[1, 2, 2])),
     # CARP's layout: one codebook per action dimension, s * A codes at scale s.
     "coarse_to_fine_per_dim": CoarseToFineConfig(tokenizer=_tok("msvq", per_dimension=True)),
+    # Trained on near-miss coarser codes (scheduled sampling); evaluation is unchanged.
+    "coarse_to_fine_code_noise": CoarseToFineConfig(tokenizer=_tok("msvq", per_dimension=True), code_noise=0.1),
 }
 
 
@@ -338,6 +340,26 @@ def test_coarse_to_fine_per_dimension_with_fewer_dims_than_max_action_dim() -> N
     assert out.shape[-1] == policy.config.max_action_dim and (out[..., a:] == 0).all()
     codes = torch.cat(recorded, 1)
     assert torch.equal(head.logits(policy.backbone, prefix, codes)[0].argmax(-1), codes)
+
+
+def test_coarse_to_fine_code_noise_trains_on_near_misses_only_in_train_mode() -> None:
+    """code_noise changes the training loss (other inputs, other targets), not the eval-mode NLL, which stays
+    the exact sequence NLL the DPO and selectors use; out-of-range values are refused."""
+    clean, noisy = _policy(HEADS["coarse_to_fine_per_dim"]), _policy(HEADS["coarse_to_fine_code_noise"])
+    obs = random_observation(clean, batch=4)
+    actions = torch.randn(4, clean.config.chunk_size, clean.config.max_action_dim).clamp(-2, 2)
+    is_pad = torch.zeros(4, clean.config.chunk_size, dtype=torch.bool)
+    torch.testing.assert_close(noisy.loss(obs, actions, is_pad), clean.loss(obs, actions, is_pad))  # eval mode
+    noisy.train()
+    torch.manual_seed(0)
+    train_loss = noisy.loss(obs, actions, is_pad)
+    assert not torch.allclose(train_loss, clean.loss(obs, actions, is_pad))
+    train_loss.sum().backward()
+    assert noisy.head.code_out.weight.grad.abs().sum() > 0
+    cfg = copy.deepcopy(HEADS["coarse_to_fine_code_noise"])
+    cfg.code_noise = 1.0
+    with pytest.raises(ValueError, match="head.code_noise: expected 0 <= code_noise < 1"):
+        _policy(cfg)
 
 
 def test_coarse_to_fine_refuses_a_tokenizer_of_another_layout(tmp_path: Path) -> None:
