@@ -342,9 +342,9 @@ def test_coarse_to_fine_per_dimension_with_fewer_dims_than_max_action_dim() -> N
     assert torch.equal(head.logits(policy.backbone, prefix, codes)[0].argmax(-1), codes)
 
 
-def test_coarse_to_fine_code_noise_trains_on_near_misses_only_in_train_mode() -> None:
+def test_coarse_to_fine_code_noise_trains_on_near_misses_only_in_train_mode(tmp_path: Path) -> None:
     """code_noise changes the training loss (other inputs, other targets), not the eval-mode NLL, which stays
-    the exact sequence NLL the DPO and selectors use; out-of-range values are refused."""
+    the exact sequence NLL the selectors use, nor post-training's; out-of-range values are refused."""
     clean, noisy = _policy(HEADS["coarse_to_fine_per_dim"]), _policy(HEADS["coarse_to_fine_code_noise"])
     obs = random_observation(clean, batch=4)
     actions = torch.randn(4, clean.config.chunk_size, clean.config.max_action_dim).clamp(-2, 2)
@@ -356,6 +356,12 @@ def test_coarse_to_fine_code_noise_trains_on_near_misses_only_in_train_mode() ->
     assert not torch.allclose(train_loss, clean.loss(obs, actions, is_pad))
     train_loss.sum().backward()
     assert noisy.head.code_out.weight.grad.abs().sum() > 0
+    noisy.save_pretrained(tmp_path / "ckpt")  # post-training (DPO, GRPO) turns it off: it needs exact log pi
+    from post_training.dpo import prepare_policy
+
+    loaded = prepare_policy(str(tmp_path / "ckpt"), "head", 16, 32, "cpu")[0]
+    assert loaded.training and loaded.head.cfg.code_noise == 0
+    torch.testing.assert_close(loaded.loss(obs, actions, is_pad), clean.loss(obs, actions, is_pad))
     cfg = copy.deepcopy(HEADS["coarse_to_fine_code_noise"])
     cfg.code_noise = 1.0
     with pytest.raises(ValueError, match="head.code_noise: expected 0 <= code_noise < 1"):
