@@ -216,7 +216,7 @@ class MSVQTokenizer(ActionTokenizer):
             f_hat, used, target = torch.zeros_like(f), [], []
             for k, s in enumerate(self.config.scales):
                 r = self._tokens_at(f - f_hat, s)  # (N, s*G, D)
-                order = torch.cdist(self._per_group(r), book).argsort(-1)[..., : near + 1]  # (G, N*s, 1+near)
+                order = torch.cdist(self._per_group(r), book).topk(near + 1, largest=False).indices  # (G, N*s, 1+near)
                 ranked = self._from_groups(order, len(r))  # (N, s*G, 1+near), nearest first
                 best, used_k = ranked[..., 0], ranked[..., 0]
                 if k < len(self.config.scales) - 1 and near > 0 and rate > 0:  # the finest scale feeds nothing

@@ -104,7 +104,7 @@ def measure(name: str, head_cfg, chunks: np.ndarray, samples: list[int], repeats
 
 
 def success_rows(evals: list[str]) -> list[dict]:
-    """``NAME=PATH[,PATH...]``: one row per head; several results.json of one head (other seeds) are pooled."""
+    """``NAME=PATH[,PATH...]``: one row per head; several results.json of one head (other seeds, later episodes) are pooled."""
     rows = []
     for item in evals:
         name, _, paths = item.partition("=")

@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     names = list(arms)
     ref = arms[names[0]]
     for k, r in arms.items():
-        same = (r["seed"], r["episodes_per_task"], sorted(r["tasks"])) == \
-            (ref["seed"], ref["episodes_per_task"], sorted(ref["tasks"]))
+        same = (r["seed"], r.get("first_episode", 0), r["episodes_per_task"], sorted(r["tasks"])) == \
+            (ref["seed"], ref.get("first_episode", 0), ref["episodes_per_task"], sorted(ref["tasks"]))
         if not same:
             raise ValueError(f"arm {k!r} was evaluated with other seeds/tasks/episodes than {names[0]!r}")
     rows = []

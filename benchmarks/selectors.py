@@ -85,7 +85,7 @@ def collect_evals(folders: list[Path]) -> list[dict]:
                      "N": int(runs[0][1].get("num_samples") or 1), **pool_evals([r for _, r in runs])})
     keys = {(tuple(r["tasks"]), tuple(r["runs"])) for r in rows}
     if len(keys) > 1:
-        raise ValueError(f"evaluations differ in tasks or (seed, episodes) runs, not comparable: {sorted(keys)}")
+        raise ValueError(f"evaluations differ in tasks or (seed, first episode, episodes) runs, not comparable: {sorted(keys)}")
     return rows
 
 

@@ -396,6 +396,18 @@ def test_msvq_noisy_codes_finer_scales_correct_the_coarse_near_misses(per_dimens
     finest, coarse = tok.scale_slices()[-1], slice(0, tok.scale_slices()[-1].start)
     assert torch.equal(used[:, finest], target[:, finest])
     assert 0.3 < (used[:, coarse] != target[:, coarse]).float().mean() < 0.7
+    # recomputed here: every target is the nearest code of what is missing after the USED coarser codes, and
+    # every used code is one of the 4 next-nearest (rank 1..4) where it differs from the target
+    f = tok.modules["encoder"](torch.from_numpy(DATA))
+    f_hat, book, g = tok.empty_latent(len(DATA)), tok._book(), tok.groups
+    for k, sl in enumerate(tok.scale_slices()):
+        r = tok.scale_input(f - f_hat, k)  # (N, s*G, D)
+        for p in range(r.shape[1]):
+            dist = torch.cdist(r[:, p], book[p % g])  # (N, K), position p reads its own dimension's codebook
+            assert torch.equal(dist.argmin(-1), target[:, sl][:, p]), (k, p)
+            rank = (dist < dist.gather(1, used[:, sl][:, p:p + 1])).sum(1)
+            assert int(rank.max()) <= 4 and bool(((rank > 0) == (used[:, sl][:, p] != target[:, sl][:, p])).all())
+        f_hat = tok.add_scale(f_hat, used[:, sl])
     err = lambda c: ((tok.decode(c)[0] - DATA) ** 2).mean()  # noqa: E731
     kept = used.numpy().copy()
     kept[:, finest] = codes[:, finest]  # the mistakes, then what the clean encoding would have added

@@ -344,7 +344,8 @@ def test_coarse_to_fine_per_dimension_with_fewer_dims_than_max_action_dim() -> N
 
 def test_coarse_to_fine_code_noise_trains_on_near_misses_only_in_train_mode(tmp_path: Path) -> None:
     """code_noise changes the training loss (other inputs, other targets), not the eval-mode NLL, which stays
-    the exact sequence NLL the selectors use, nor post-training's; out-of-range values are refused."""
+    the exact sequence NLL, nor post-training's (DPO / GRPO read the train-mode loss); out-of-range values are
+    refused."""
     clean, noisy = _policy(HEADS["coarse_to_fine_per_dim"]), _policy(HEADS["coarse_to_fine_code_noise"])
     obs = random_observation(clean, batch=4)
     actions = torch.randn(4, clean.config.chunk_size, clean.config.max_action_dim).clamp(-2, 2)
@@ -356,6 +357,20 @@ def test_coarse_to_fine_code_noise_trains_on_near_misses_only_in_train_mode(tmp_
     assert not torch.allclose(train_loss, clean.loss(obs, actions, is_pad))
     train_loss.sum().backward()
     assert noisy.head.code_out.weight.grad.abs().sum() > 0
+    # inputs from the used codes, cross-entropy on the targets (not on the used codes)
+    tok = noisy.head.tokenizer
+    codes = torch.from_numpy(tok.encode(actions[..., : tok.action_dim].numpy())[0])
+    used, target = codes.clone(), codes.clone()
+    used[:, 0] = (used[:, 0] + 1) % tok.vocab_size
+    target[:, -1] = (target[:, -1] + 1) % tok.vocab_size
+    noisy.head.tokenizer.noisy_codes = lambda *a, **k: (used, target)
+    prefix = noisy.encode(obs)
+    with torch.no_grad():
+        logits, _ = noisy.head.logits(noisy.backbone, prefix, used)
+        want = noisy.head.step_loss(F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none"),
+                                    torch.ones_like(target, dtype=torch.bool), is_pad)
+        torch.testing.assert_close(noisy.head.loss(noisy.backbone, prefix, actions, is_pad), want)
+    del noisy.head.tokenizer.noisy_codes
     noisy.save_pretrained(tmp_path / "ckpt")  # post-training (DPO, GRPO) turns it off: it needs exact log pi
     from post_training.dpo import prepare_policy
 
@@ -441,3 +456,23 @@ def test_refit_moves_embeddings_with_their_bins() -> None:
     torch.testing.assert_close(head.code_emb.weight[j].detach(), want.float(), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="cannot carry embeddings"):
         _policy(HEADS["ar_uniform"]).head.refit_tokenizer(chunks)
+
+
+def test_coarse_to_fine_errors_benchmark_writes_its_table(tmp_path: Path) -> None:
+    """benchmarks.coarse_to_fine_errors on a tiny trained checkpoint: one accuracy per scale, the tokenizer's
+    own codes closer to the data than an untrained head's greedy chunks; a flow checkpoint is refused by name."""
+    from benchmarks.coarse_to_fine_errors import main
+    from tests.helpers import tiny_checkpoint
+
+    ckpt, data = tiny_checkpoint(tmp_path / "c2f", 2, 10, "--head.type=coarse_to_fine",
+                                 "--head.tokenizer.per_dimension=true", "--head.tokenizer.steps=30")
+    out = tmp_path / "errors.json"
+    assert main(["--dataset", str(data), "--policy", f"c2f={ckpt}", "--frames", "8", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert len(row["teacher_forced_accuracy"]) == len(row["scale_sizes"]) == 4 and row["frames"] == 8
+    assert all(0 <= a <= 1 for a in row["teacher_forced_accuracy"])
+    mse = row["chunk_mse"]
+    assert all(np.isfinite(list(mse.values()))) and mse["tokenizer"] < mse["greedy"]
+    flow, _ = tiny_checkpoint(tmp_path / "flow", 2, 10)
+    with pytest.raises(ValueError, match="expected a coarse_to_fine head"):
+        main(["--dataset", str(data), "--policy", f"flow={flow}", "--frames", "4", "--out", str(out)])

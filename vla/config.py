@@ -282,8 +282,9 @@ def policy_overrides(extra: Sequence[str]) -> list[str]:
 # at load time is what the overrides are for. Any other field is allowed (experiments) with a warning.
 EXECUTION_FIELDS = ("head.temperature", "head.top_k", "head.greedy", "head.num_steps", "head.max_resample",
                     "head.resample_temperature", "head.constrain_length", "n_action_steps",
-                    # training-time only: which weights get gradients / start from ImageNet
-                    "backbone.freeze_vision", "backbone.freeze_language", "backbone.pretrained_vision")
+                    # training-time only: which weights get gradients / start from ImageNet / target noise
+                    "backbone.freeze_vision", "backbone.freeze_language", "backbone.pretrained_vision",
+                    "head.code_noise")
 
 
 def check_override_fields(cfg: Any, args: Sequence[str]) -> None:

@@ -85,7 +85,7 @@ def _html(results: dict[str, Any], chart: str, out_dir: Path) -> str:
                 f'<figure><video src="{e(rel)}" controls loop muted autoplay playsinline></video>'
                 f'<figcaption>{e(task)} ep {v["episode"]}: <span class="{cls}">{word}</span></figcaption></figure>'
             )
-    meta = {k: results.get(k) for k in ("policy", "commit", "seed", "episodes_per_task", "max_steps",
+    meta = {k: results.get(k) for k in ("policy", "commit", "seed", "first_episode", "episodes_per_task", "max_steps",
                                          "n_action_steps", "cameras", "image_size", "workers", "wall_time_s",
                                          "variation_pools", "interval_method")}
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>MetaWorld evaluation</title>
