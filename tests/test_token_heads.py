@@ -377,6 +377,13 @@ def test_coarse_to_fine_code_noise_trains_on_near_misses_only_in_train_mode(tmp_
     loaded = prepare_policy(str(tmp_path / "ckpt"), "head", 16, 32, "cpu")[0]
     assert loaded.training and loaded.head.cfg.code_noise == 0
     torch.testing.assert_close(loaded.loss(obs, actions, is_pad), clean.loss(obs, actions, is_pad))
+    from vla.train import check_same_architecture  # a training setting: --init_from may change it, not the scales
+
+    check_same_architecture(clean.config, noisy.config, "ckpt")
+    other = copy.deepcopy(noisy.config)
+    other.head.tokenizer.scales = [1, 2]
+    with pytest.raises(ValueError, match="different architecture"):
+        check_same_architecture(clean.config, other, "ckpt")
     cfg = copy.deepcopy(HEADS["coarse_to_fine_code_noise"])
     cfg.code_noise = 1.0
     with pytest.raises(ValueError, match="head.code_noise: expected 0 <= code_noise < 1"):
