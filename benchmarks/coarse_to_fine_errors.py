@@ -26,8 +26,10 @@ def measure(policy: Any, batches: Any) -> dict[str, Any]:
     """-> per-scale teacher-forced accuracy and NLL per code, and the three chunk MSEs (see the module doc)."""
     import torch.nn.functional as F
 
+    from policies.coarse_to_fine import CoarseToFineHead
+
     pre, head = policy._pre(), policy.head
-    if not hasattr(head, "layout"):
+    if not isinstance(head, CoarseToFineHead):
         raise ValueError(f"policy head {policy.config.head.type!r}: expected a coarse_to_fine head")
     tok = head._require_tokenizer()
     sizes = tok.scale_sizes()

@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from action_tokenizers.base import TokenizerConfig
@@ -150,17 +149,15 @@ class CoarseToFineHead(TokenHead):
         h = backbone.extend(x, prefix, self.layout(x.device)[1])[:, 1:]
         return self.code_out(h), h
 
-    def loss(self, backbone: Backbone, prefix: Prefix, actions: Tensor, is_pad: Tensor, **kw) -> Tensor:
-        """(B, H) per-step NLL; in train mode with ``code_noise`` > 0 the finer scales read near-miss coarser
-        codes and learn to correct them (then it is no longer the clean chunk's exact NLL)."""
+    def training_codes(self, actions: Tensor, prefix: Prefix) -> tuple[Tensor, Tensor, Tensor]:
+        """In train mode with ``code_noise`` > 0 the finer scales read near-miss coarser codes and learn to
+        correct them (the loss is then no longer the clean chunk's exact NLL); else teacher forcing."""
         if not (self.training and self.cfg.code_noise > 0):
-            return super().loss(backbone, prefix, actions, is_pad, **kw)
+            return super().training_codes(actions, prefix)
         tok = self.check_action_dims(prefix.extras.get("action_dim_mask"))
         used, target = tok.noisy_codes(actions[..., : tok.action_dim], self.cfg.code_noise)
         used, target = used.to(actions.device), target.to(actions.device)
-        logits, _ = self.logits(backbone, prefix, used)
-        nll = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")  # (B, L)
-        return self.step_loss(nll, torch.ones_like(target, dtype=torch.bool), is_pad)
+        return used, target, torch.ones_like(target, dtype=torch.bool)
 
     # --- sampling: one forward pass per scale -------------------------------------------------
     @torch.no_grad()

@@ -187,10 +187,17 @@ class TokenHead(ActionHead):
         """codes (B, L) -> logits (B, L, V) and the hidden states that produced them."""
         raise NotImplementedError
 
-    def loss(self, backbone, prefix: Prefix, actions: Tensor, is_pad: Tensor, **kw) -> Tensor:
-        """(B, H) per-step NLL of the chunk's codes; ``sum(-1)`` is the exact sequence NLL."""
+    def training_codes(self, actions: Tensor, prefix: Prefix) -> tuple[Tensor, Tensor, Tensor]:
+        """What ``loss`` feeds the head and what it predicts: (input codes, target codes, mask), each (B, L).
+        The chunk's own codes for both (teacher forcing); a head may feed other inputs while training."""
         codes, mask = self.targets(actions, prefix)
-        logits, _ = self.logits(backbone, prefix, codes)
+        return codes, codes, mask
+
+    def loss(self, backbone, prefix: Prefix, actions: Tensor, is_pad: Tensor, **kw) -> Tensor:
+        """(B, H) per-step NLL of the chunk's codes; ``sum(-1)`` is the exact sequence NLL (unless
+        ``training_codes`` feeds other inputs, e.g. coarse_to_fine's ``code_noise`` in train mode)."""
+        inputs, codes, mask = self.training_codes(actions, prefix)
+        logits, _ = self.logits(backbone, prefix, inputs)
         nll = F.cross_entropy(logits.float().transpose(1, 2), codes, reduction="none")  # (B, L)
         return self.step_loss(nll, mask, is_pad)
 

@@ -70,7 +70,8 @@ def prepare_policy(path: str, mode: str, lora_r: int, lora_alpha: int, device: s
     if mode not in TRAIN_MODES:
         raise ValueError(f"--train: expected one of {list(TRAIN_MODES)}, received {mode!r}")
     policy = VLAPolicy.from_pretrained(path, device=device)
-    if getattr(getattr(policy.head, "cfg", None), "code_noise", 0):  # DPO / GRPO read log pi from the train-mode loss: keep it exact
+    # DPO and GRPO read log pi from the train-mode loss: coarse_to_fine's code_noise would make it inexact
+    if getattr(getattr(policy.head, "cfg", None), "code_noise", 0):
         print(f"post-training: head.code_noise {policy.head.cfg.code_noise} -> 0 (exact likelihoods)")
         policy.head.cfg.code_noise = 0.0
     ref = frozen_reference(policy.head)  # before any update: the reference is the starting policy

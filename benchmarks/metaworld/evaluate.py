@@ -19,7 +19,7 @@ import argparse
 import contextlib
 import json
 import math
-import operator
+import numbers
 import random
 import sys
 import time
@@ -211,13 +211,9 @@ def evaluate(
         raise ValueError(f"episodes_per_task: expected >= 1, received {episodes_per_task}")
     if max_steps < 1:
         raise ValueError(f"max_steps: expected >= 1, received {max_steps}")
-    try:  # numpy ints too, not bools or floats
-        first = -1 if isinstance(first_episode, bool) else operator.index(first_episode)
-    except TypeError:
-        first = -1
-    if first < 0:
+    if isinstance(first_episode, bool) or not isinstance(first_episode, numbers.Integral) or first_episode < 0:
         raise ValueError(f"first_episode: expected an int >= 0, received {first_episode!r}")
-    first_episode = first
+    first_episode = int(first_episode)  # numpy ints too
     if n_action_steps is not None and n_action_steps < 1:
         raise ValueError(f"n_action_steps: expected >= 1 or None (the policy's own), received {n_action_steps}")
     if not isinstance(policy, (str, Path)) and not callable(policy):
