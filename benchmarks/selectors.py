@@ -110,7 +110,7 @@ def targets(success: list[dict], latency: list[dict]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", required=True, help="checkpoint (with selector/ for cfn)")
+    p.add_argument("--policy", required=True, help="checkpoint (with selector/ for cfn, selector/value/ for value)")
     p.add_argument("--evals", nargs="*", default=[], help="`vla eval metaworld` output folders; several of one arm (other seeds, later episodes) are pooled")
     p.add_argument("--selectors", nargs="+", default=["first", "consistency", "cfn"])
     p.add_argument("--samples", nargs="+", type=int, default=[1, 4, 16])
@@ -146,11 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = targets(success, latency)
     print("\ntargets:", json.dumps(summary))
     fit = Path(args.policy) / "selector" / "cfn_config.json"
+    value_fit = Path(args.policy) / "selector" / "value" / "value_config.json"
     out = write_json(Path(args.out), {
         "policy": args.policy, "threads": args.threads, "repeats": args.repeats, "latency": latency,
         "latency_run": latency_run,
         "success": success, "targets": summary,
-        "cfn_fit": json.loads(fit.read_text()).get("fit") if fit.is_file() else None, **provenance(started)})
+        "cfn_fit": json.loads(fit.read_text()).get("fit") if fit.is_file() else None,
+        "value_fit": json.loads(value_fit.read_text()).get("fit") if value_fit.is_file() else None,
+        **provenance(started)})
     print(f"wrote {out}")
     return 0
 

@@ -2,4 +2,4 @@
 from policies import flow_matching  # noqa: F401  (registers "flow_matching")
 from policies import discrete  # noqa: F401  (registers "discrete")
 from policies import coarse_to_fine  # noqa: F401  (registers "coarse_to_fine")
-from policies import selectors  # noqa: F401  (registers "first", "consistency", "cfn", "world_model")
+from policies import selectors  # noqa: F401  (registers "first", "consistency", "cfn", "world_model", "value")

@@ -67,3 +67,22 @@ def two_robot_datasets(base, b_episodes: int = 3):
                                action_dim=4, cameras=("observation.images.top", "observation.images.wrist"),
                                tasks=("lift the green block",), seed=1)
     return a, b
+
+
+class RandomCandidatePolicy:
+    """A MetaWorld stand-in for ``VLAPolicy.sample_candidates`` (importable, so simulator workers can build
+    it): N random chunks in [-1, 1] with random features; chunk 8, 4 executed, W = 5."""
+
+    config = type("Config", (), {"n_action_steps": 4, "chunk_size": 8})()
+
+    def reset(self) -> None:
+        pass
+
+    def predict_action_chunk(self, raw_obs):
+        return self.sample_candidates(raw_obs, 1)["actions"][0, 0].numpy()
+
+    def sample_candidates(self, raw_obs, num_samples, generator=None):
+        import torch
+
+        a = torch.rand(1, num_samples, 8, 4, generator=generator) * 2 - 1
+        return {"actions": a, "normalized": a, "features": torch.randn(1, num_samples, 8, 5, generator=generator)}

@@ -20,6 +20,8 @@ from policies.selectors import (
     selector_names,
 )
 from policies.selectors.cfn import CfnSelector
+from policies.selectors.value import ValueSelector, listwise_loss, value_inputs
+from post_training.value_train import fit_value, selection_report
 from vla.registry import UnknownNameError
 
 B, N, H, A, W = 3, 6, 4, 3, 16
@@ -39,6 +41,14 @@ class _RewardModel:
         return -chunks.float().abs().mean((-1, -2))  # prefers small actions
 
 
+def _tiny_value(w: int = W) -> ValueSelector:
+    """A critic fitted in a few steps on (M, N) states whose returns favour a large first action dim."""
+    g = torch.Generator().manual_seed(3)
+    pooled, cands = torch.randn(32, N, w, generator=g), torch.randn(32, N, H, A, generator=g)
+    net, _ = fit_value(value_inputs(pooled, cands), cands[..., 0].sum(-1), (H, A), hidden=16, depth=1, steps=20)
+    return ValueSelector(net)
+
+
 def _tiny_cfn(w: int = W) -> CfnSelector:
     net, _ = fit_cfn(_low_rank_features(64, w), flips=8, hidden=16, depth=1, steps=20)
     return CfnSelector(net)
@@ -51,6 +61,7 @@ BUILDERS = {
     "coherence": lambda: make_selector("coherence"),
     "cfn": _tiny_cfn,
     "world_model": lambda: WorldModelSelector(_RewardModel()),
+    "value": _tiny_value,
 }
 
 
@@ -397,3 +408,116 @@ def test_metaworld_evaluate_passes_the_selector() -> None:
     with pytest.raises(ValueError, match="selector"):
         evaluate(_SelectingPolicy, ["reach"], episodes_per_task=1, num_samples=3, progress=False)
 
+
+
+def _ranking_states(m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """m states of N candidates: the return rewards moving toward a per-state goal that the observation
+    part of the features encodes, plus a per-state offset the critic must ignore."""
+    g = torch.Generator().manual_seed(seed)
+    goal = torch.randn(m, 1, 1, A, generator=g)
+    cands = goal + torch.randn(m, N, H, A, generator=g)
+    obs_feat = torch.cat([goal.flatten(1), torch.randn(m, W - A, generator=g)], 1)  # (m, W)
+    pooled = obs_feat[:, None] + 0.1 * torch.randn(m, N, W, generator=g)
+    returns = -(cands - goal).pow(2).sum((-1, -2)) + 10 * torch.randn(m, 1, generator=g)
+    return pooled, cands, returns
+
+
+def test_value_critic_learns_to_rank_candidates_within_a_state() -> None:
+    pooled, cands, returns = _ranking_states(600, 0)
+    net, report = fit_value(value_inputs(pooled, cands), returns, (H, A), hidden=64, steps=400, seed=0)
+    assert report["temperature"] > 0 and report["final_loss"] is not None
+    vp, vc, vr = _ranking_states(200, 1)  # unseen states
+    with torch.no_grad():
+        rep = selection_report(net(value_inputs(vp, vc)), vr, vc)
+    assert rep["spearman"] > 0.6, rep
+    assert rep["gain_value"] > rep["gain_first"] + 0.5 * (rep["gain_oracle"] - rep["gain_first"]), rep
+    # Listwise: a per-state constant added to the returns does not change the loss.
+    s, r = torch.randn(5, N), torch.randn(5, N)
+    assert torch.allclose(listwise_loss(s, r, 0.7), listwise_loss(s, r + torch.randn(5, 1), 0.7), atol=1e-6)
+    with pytest.raises(ValueError, match="N >= 2"):
+        fit_value(value_inputs(pooled[:, :1], cands[:, :1]), returns[:, :1], (H, A))
+    with pytest.raises(ValueError, match="NaN"):
+        fit_value(value_inputs(pooled, cands), returns * float("nan"), (H, A), steps=1)
+
+
+def test_value_selector_save_load_and_shape_errors(tmp_path: Path) -> None:
+    sel = _tiny_value()
+    g = torch.Generator().manual_seed(4)
+    cands, feats = torch.randn(B, N, H, A, generator=g), torch.randn(B, N, H, W, generator=g)
+    _, scores = sel.select(cands, features=feats)
+    sel.save_pretrained(tmp_path / "v")
+    again = load_selector(tmp_path / "v")
+    assert again.name == "value" and torch.allclose(again.select(cands, features=feats)[1], scores)
+    with pytest.raises(ValueError, match=r"fitted on chunks of 4 steps x 3 action dims"):
+        sel.select(torch.randn(B, N, H + 1, A), features=feats)
+    with pytest.raises(ValueError, match="inputs must have width"):
+        sel.select(cands, features=torch.randn(B, N, H, W + 1))
+    with pytest.raises(FileNotFoundError, match="vla post-train value"):
+        make_selector("value", path=str(tmp_path / "nothing"))
+
+
+def test_post_train_value_saves_with_policy_and_selects(checkpoint, tmp_path: Path) -> None:
+    """Outcome data of the policy's own candidates -> `vla post-train value` -> <policy>/selector/value/;
+    --selector value then runs the backbone once for N candidates and executes the best-scored one."""
+    import json
+    import shutil
+
+    from post_training.value_train import main
+    from vla.policy import VLAPolicy
+
+    policy_dir = tmp_path / "policy"
+    shutil.copytree(checkpoint[0], policy_dir)
+    policy = VLAPolicy.from_pretrained(policy_dir)
+    with pytest.raises(FileNotFoundError, match="benchmarks.metaworld.value_data"):
+        policy.predict_action_chunk(_raw(policy), num_samples=2, selector="value")
+    raw = _raw(policy)
+    g = torch.Generator().manual_seed(0)
+    a = policy.preprocessor.action_dim
+    recs = [policy.sample_candidates(raw, 6, generator=g) for _ in range(40)]
+    cands = torch.cat([r["normalized"][..., :a] for r in recs])  # (40, 6, H, A)
+    assert recs[0]["actions"].shape == (1, 6, policy.config.chunk_size, a)
+    data = {"features": torch.cat([r["features"].mean(-2) for r in recs]), "candidates": cands,
+            "returns": cands[..., 0].mean(-1), "final_reward": cands[..., 0, 0], "episode": torch.arange(40) // 4,
+            "task": torch.zeros(40, dtype=torch.long), "meta": {"policy": str(policy_dir)}}
+    torch.save(data, tmp_path / "d.pt")
+    assert main(["--policy", str(policy_dir), "--data", str(tmp_path / "d.pt"), "--steps", "200", "--hidden", "32"]) == 0
+    fit = json.loads((policy_dir / "selector" / "value" / "value_config.json").read_text())["fit"]
+    assert fit["heldout_episodes"] == 2 and fit["train"]["spearman"] > 0.5, fit
+    policy = VLAPolicy.from_pretrained(policy_dir)
+    passes: list[int] = []
+    encode = policy.backbone.encode_prefix
+    policy.backbone.encode_prefix = lambda obs: (passes.append(1), encode(obs))[1]
+    seed = lambda: torch.Generator().manual_seed(5)
+    chosen = policy.predict_action_chunk(raw, num_samples=8, generator=seed(), selector="value")
+    assert len(passes) == 1 and policy.last_scores.shape == (1, 8)
+    allc = policy.predict_action_chunk(raw, num_samples=8, generator=seed())
+    assert np.allclose(chosen, allc[int(policy.last_scores[0].argmax())], atol=1e-5)
+    with pytest.raises(ValueError, match="not an outcome file"):
+        torch.save({"features": data["features"]}, tmp_path / "bad.pt")
+        main(["--policy", str(policy_dir), "--data", str(tmp_path / "bad.pt")])
+
+
+@pytest.mark.sim
+@pytest.mark.timeout(240)
+def test_value_data_rolls_every_candidate_on_training_variations(tmp_path: Path) -> None:
+    pytest.importorskip("metaworld")
+    from benchmarks.metaworld import value_data
+    from benchmarks.metaworld.evaluate import _set_policy_spec
+    from benchmarks.metaworld.tasks import variations
+    from benchmarks.metaworld.workers import run_jobs
+    from tests.helpers import RandomCandidatePolicy
+
+    var = variations("reach-v3", "train", 1, 0)[0][2]
+    job = dict(task="reach-v3", episode=0, variation=var, cameras=("corner2",), image_size=32, samples=3, stride=2,
+               max_steps=20, episode_seed=1)
+    (res,) = list(run_jobs(value_data.collect_job, [job], 1, progress=False, initializer=_set_policy_spec,
+                           initargs=(RandomCandidatePolicy, "cpu")))
+    recs = res["records"]
+    assert [r["step"] for r in recs] == [0, 8, 16]  # every 2nd re-plan of 4 executed steps, until 20 steps
+    for r in recs:
+        assert r["features"].shape == (3, 5) and r["candidates"].shape == (3, 8, 4)
+        assert r["returns"].shape == (3,) and np.isfinite(r["returns"]).all()
+        assert len(set(r["returns"].tolist())) == 3  # three random chunks, three outcomes
+        assert r["expert"].shape == (3,) and (r["expert"] < 0).all()  # -MSE to the expert's chunk
+    data = value_data.stack_records([res], ["reach-v3"])
+    assert data["returns"].shape == data["expert"].shape == (3, 3) and data["episode"].tolist() == [0, 0, 0]

@@ -120,6 +120,28 @@ class VLAPolicy(nn.Module):
         unbatched = np.ndim(raw_obs["observation.state"]) == 1
         return out[0] if unbatched else out
 
+    @torch.no_grad()
+    def sample_candidates(self, raw_obs: Mapping[str, Any], num_samples: int,
+                          generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """N candidates from ONE backbone pass, with what a selector would see of them (batched raw obs).
+
+        -> ``actions`` (B, N, H, A) in the dataset's units, ``normalized`` (B, N, H, A_max) and the head's
+        ``features`` (B, N, T, W). For fitting selectors from outcomes (``benchmarks/metaworld/value_data.py``).
+        """
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples: expected an int >= 1, received {num_samples!r}")
+        pre = self._pre()
+        was_training = self.training
+        self.eval()
+        try:
+            obs = pre.observation(raw_obs, train=False).to(self.device)
+            prefix = self.encode(obs, self._dim_mask(obs.batch_size, obs.device))
+            cands, feats = self.head.sample(self.backbone, prefix, num_samples=num_samples, generator=generator,
+                                            return_features=True)
+        finally:
+            self.train(was_training)
+        return {"actions": pre.unnormalize_actions(cands.float()), "normalized": cands, "features": feats}
+
     def reset(self) -> None:
         """Called at episode start (stateless policy: nothing to clear; brokers keep the queues)."""
 

@@ -2,7 +2,7 @@
 
 Registered selectors: ``first`` (baseline), ``consistency`` (medoid), ``coherence`` (medoid + agreement
 with the previous chunk's plan, BID), ``cfn`` (pseudo-count, TACO), ``world_model`` (reward from the
-post-training world model).
+post-training world model), ``value`` (a critic fitted on simulator outcomes of the policy's candidates).
 """
 from policies.selectors.base import (  # noqa: F401
     SELECTOR_DIR,
@@ -18,3 +18,4 @@ from policies.selectors.base import (  # noqa: F401
 from policies.selectors.cfn import CfnConfig, CfnSelector, CoinFlipNetwork, fit_cfn  # noqa: F401
 from policies.selectors.simple import CoherenceSelector, ConsistencySelector, FirstSelector  # noqa: F401
 from policies.selectors.world_model import WorldModelSelector  # noqa: F401
+from policies.selectors.value import ChunkValueNet, ValueSelector  # noqa: F401

@@ -1,0 +1,150 @@
+"""Outcomes of a policy's candidate chunks, from the simulator: the training data of the ``value`` selector.
+
+    python -m benchmarks.metaworld.value_data --policy P --tasks mt10 --episodes 10 --samples 16 \\
+        --stride 2 --seed 0 --workers 2 --out outputs/value_data.pt
+    vla post-train value --policy P --data outputs/value_data.pt          # -> P/selector/value/
+
+The policy plays TRAINING variations (the pools `vla eval metaworld` never uses) with one candidate, as
+it would without selection. Every ``--stride``-th re-plan the MuJoCo + MetaWorld state is saved, the
+policy samples ``--samples`` candidates from one backbone pass (``VLAPolicy.sample_candidates``), and
+each candidate is rolled from the saved state (``chunk_outcome.py``, no rendering): the sum of
+MetaWorld's dense rewards over the chunk is that candidate's outcome. The scripted expert's own next
+chunk from the same state is recorded too, and each candidate's negated mean squared distance to it
+(``expert``, raw actions clipped to [-1, 1]). The episode then goes on with the first candidate.
+Saved per state: the head's features pooled over the action tokens (N, W), the normalized candidates
+(N, H, A), their returns, last-step rewards, expert scores and successes, and the task/episode
+(``vla post-train value`` holds out whole episodes).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def collect_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One training variation (in a worker): the policy's episode, with candidate outcomes every stride."""
+    import torch
+
+    from benchmarks.metaworld.chunk_outcome import chunk_outcomes, expert_chunk
+    from benchmarks.metaworld.evaluate import _policy, _seed_everything
+    from benchmarks.metaworld.expert_policy import ScriptedExpertPolicy
+    from benchmarks.metaworld.workers import get_env
+
+    policy = _policy()
+    expert = ScriptedExpertPolicy()
+    env = get_env(job["task"], job["cameras"], job["image_size"])
+    env.set_variation(job["variation"])
+    _seed_everything(job["episode_seed"])
+    g = torch.Generator().manual_seed(job["episode_seed"])
+    policy.reset()
+    obs = env.reset()
+    n_exec = int(policy.config.n_action_steps)
+    records: list[dict[str, Any]] = []
+    steps, chunk_i, success = 0, 0, False
+    while steps < job["max_steps"]:
+        save = chunk_i % job["stride"] == 0
+        out = policy.sample_candidates(obs, job["samples"] if save else 1, generator=g)
+        actions = out["actions"][0].numpy()  # (N, H, 4) raw
+        if save:
+            outs = chunk_outcomes(env, actions)
+            # What the scripted expert (the demonstrations' source) would do from this very state: a
+            # DAgger-style label that, unlike a few steps of dense reward, exists for every task and state.
+            ref = np.clip(expert_chunk(env, expert, obs, actions.shape[1]), -1, 1)
+            a = actions.shape[-1]
+            records.append({
+                "features": out["features"][0].float().mean(-2).numpy().astype(np.float32),  # (N, W)
+                "candidates": out["normalized"][0, ..., :a].float().numpy().astype(np.float32),  # (N, H, A)
+                "returns": np.array([o["return"] for o in outs], np.float32),
+                "final_reward": np.array([o["final_reward"] for o in outs], np.float32),
+                "success": np.array([o["success"] for o in outs]),
+                "expert": -((np.clip(actions, -1, 1) - ref) ** 2).mean((-1, -2)).astype(np.float32),
+                "step": steps})
+        chunk_i += 1
+        done = False
+        for act in actions[0][:n_exec]:  # on with the first candidate: the states a 1-candidate policy visits
+            obs, success, truncated = env.step(act)
+            steps += 1
+            if success or truncated:
+                done = True
+                break
+        if done:
+            break
+    return {"task": job["task"], "episode": job["episode"], "success": bool(success), "records": records}
+
+
+def stack_records(results: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
+    """Per-episode results -> one dict of stacked tensors (M states); ``episode`` ids are global."""
+    import torch
+
+    rows = [(ti, ei, r) for ei, res in enumerate(results) for ti in [tasks.index(res["task"])] for r in res["records"]]
+    if not rows:
+        raise ValueError("value_data: no states were recorded (episodes too short for --stride?)")
+
+    def stack(key: str, dtype=None) -> torch.Tensor:
+        return torch.as_tensor(np.stack([r[key] for _, _, r in rows]), dtype=dtype)
+
+    return {"features": stack("features"), "candidates": stack("candidates"), "returns": stack("returns"),
+            "final_reward": stack("final_reward"), "expert": stack("expert"), "success": stack("success", torch.bool),
+            "step": torch.tensor([r["step"] for _, _, r in rows]),
+            "task": torch.tensor([t for t, _, _ in rows]), "episode": torch.tensor([e for _, e, _ in rows])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from benchmarks.common import provenance
+    from benchmarks.metaworld.evaluate import _set_policy_spec, policy_cameras
+    from benchmarks.metaworld.tasks import resolve_tasks, variations
+    from benchmarks.metaworld.workers import run_jobs
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", required=True, help="policy checkpoint (pretrained_model/)")
+    p.add_argument("--tasks", default="mt10")
+    p.add_argument("--episodes", type=int, default=10, help="training variations per task")
+    p.add_argument("--samples", type=int, default=16, help="candidates per saved state")
+    p.add_argument("--stride", type=int, default=2, help="save every N-th re-plan")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=500)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--out", type=Path, required=True, help="a .pt file")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("episodes", "samples", "stride", "workers", "max_steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}: expected >= 1, received {getattr(args, name)}")
+    started = time.time()
+    tasks = resolve_tasks(args.tasks)
+    cams = policy_cameras(args.policy)
+    jobs = []
+    for task in tasks:
+        for i, (_, _, var) in enumerate(variations(task, "train", args.episodes, args.seed)):
+            seed = int(np.random.SeedSequence([args.seed, zlib.crc32(task.encode()), i, 17]).generate_state(1)[0])
+            jobs.append(dict(task=task, episode=i, variation=var, cameras=cams, image_size=args.image_size,
+                             samples=args.samples, stride=args.stride, max_steps=args.max_steps, episode_seed=seed))
+    with contextlib.closing(run_jobs(collect_job, jobs, args.workers, "episodes", not args.no_progress,
+                                     _set_policy_spec, (args.policy, "cpu"))) as it:
+        results = list(it)
+    data = stack_records(results, tasks)
+    data["meta"] = {"policy": str(args.policy), "tasks": tasks, "episodes_per_task": args.episodes,
+                    "samples": args.samples, "stride": args.stride, "seed": args.seed, "split": "train",
+                    "policy_success": float(np.mean([r["success"] for r in results])),
+                    "provenance": provenance(started)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, args.out)
+    r = data["returns"]
+    spread = (r.max(1).values - r.min(1).values).mean()
+    print(f"value_data: {len(r)} states from {len(results)} episodes ({len(tasks)} tasks), {args.samples} candidates "
+          f"each; mean within-state return spread {float(spread):.3f}; policy success on these variations "
+          f"{data['meta']['policy_success']:.0%}; {time.time() - started:.0f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""``vla post-train value``: fit the ``value`` selector's critic on simulator outcomes and save it with the policy.
+
+    python -m benchmarks.metaworld.value_data --policy P --tasks mt10 --episodes 10 --out outputs/value_data.pt
+    vla post-train value --policy P --data outputs/value_data.pt        # -> P/selector/value/
+
+The data (one or more ``--data`` files of the same policy) holds, per recorded state, the N candidates'
+pooled head features, normalized chunks and simulator returns. The critic (policies/selectors/value.py)
+is trained with a listwise loss over each state's candidates; whole episodes are held out to report
+how well it ranks unseen states: the mean Spearman correlation of its scores with the returns within a
+state, and the mean return (above the state's candidate mean) of the candidate it would execute, next
+to the first candidate (no selection), the medoid (``consistency``) and the best one (oracle).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vla post-train value", description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", required=True, help="the policy checkpoint the data was collected with")
+    p.add_argument("--data", required=True, nargs="+", type=Path,
+                   help="outcome files of `python -m benchmarks.metaworld.value_data`")
+    p.add_argument("--out", type=Path, default=None, help="selector folder (default: <policy>/selector/value)")
+    p.add_argument("--target", default="expert", choices=["expert", "returns", "final_reward"],
+                   help="what ranks the candidates: closeness to the scripted expert's chunk from the same state "
+                        "(default), the dense reward summed over the chunk, or its last step's")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=128, help="states per step (all N candidates of each)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of the episodes")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def load_data(files: Sequence[Path]) -> dict[str, Any]:
+    """Concatenate outcome files (episode ids kept distinct per file)."""
+    keys = ("features", "candidates", "returns", "final_reward", "episode", "task")
+    optional = ("expert",)
+    parts, offset, metas = {k: [] for k in keys}, 0, []
+    for f in files:
+        d = torch.load(f)
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise ValueError(f"--data {f}: not an outcome file of benchmarks.metaworld.value_data (missing {missing})")
+        for k in keys:
+            parts[k].append(d[k] + offset if k == "episode" else d[k])
+        for k in optional:
+            parts.setdefault(k, []).append(d.get(k))
+        offset += int(d["episode"].max()) + 1
+        metas.append(d.get("meta", {}))
+    data: dict[str, Any] = {k: torch.cat(v) for k, v in parts.items() if all(t is not None for t in v)}
+    shapes = {tuple(t.shape[1:]) for t in parts["candidates"]}
+    if len(shapes) != 1 or len({tuple(t.shape[1:]) for t in parts["features"]}) != 1:
+        raise ValueError(f"--data: files differ in candidate or feature shapes ({sorted(shapes)}); "
+                         "use files collected with the same policy and --samples")
+    data["meta"] = metas
+    return data
+
+
+def medoid_index(candidates: torch.Tensor) -> torch.Tensor:
+    """(M, N, H, A) -> (M,) the candidate with the smallest summed squared distance to the others."""
+    flat = candidates.flatten(2).float()
+    return torch.cdist(flat, flat).pow(2).sum(-1).argmin(-1)
+
+
+def spearman_within(scores: torch.Tensor, returns: torch.Tensor) -> float:
+    """Mean rank correlation per state (states with constant returns are skipped)."""
+    rs = scores.argsort(1).argsort(1).float()
+    rr = returns.argsort(1).argsort(1).float()
+    keep = (returns.max(1).values - returns.min(1).values) > 1e-6
+    rs, rr = rs[keep] - rs[keep].mean(1, keepdim=True), rr[keep] - rr[keep].mean(1, keepdim=True)
+    rho = (rs * rr).sum(1) / (rs.norm(dim=1) * rr.norm(dim=1)).clamp_min(1e-9)
+    return float(rho.mean()) if len(rho) else float("nan")
+
+
+def selection_report(scores: torch.Tensor, returns: torch.Tensor, candidates: torch.Tensor) -> dict[str, float]:
+    """Mean return above the state's candidate mean of each choice, and the critic's within-state Spearman."""
+    rows = torch.arange(len(returns))
+    base = returns.mean(1)
+
+    def gain(idx: torch.Tensor) -> float:
+        return round(float((returns[rows, idx] - base).mean()), 4)
+
+    return {"states": len(returns), "spearman": round(spearman_within(scores, returns), 4),
+            "gain_first": gain(torch.zeros(len(returns), dtype=torch.long)),
+            "gain_consistency": gain(medoid_index(candidates)), "gain_value": gain(scores.argmax(1)),
+            "gain_oracle": gain(returns.argmax(1))}
+
+
+def fit_value(inputs: torch.Tensor, returns: torch.Tensor, chunk_shape: tuple[int, int], *, hidden: int = 256,
+              depth: int = 2, dropout: float = 0.1, steps: int = 3000, batch_size: int = 128, lr: float = 1e-3,
+              weight_decay: float = 1e-4, seed: int = 0, log_every: int = 0):
+    """inputs (M, N, D), returns (M, N) -> (ChunkValueNet, report). Listwise loss per state."""
+    from policies.selectors.value import ChunkValueNet, listwise_loss
+
+    if inputs.ndim != 3 or returns.shape != inputs.shape[:2] or inputs.shape[1] < 2:
+        raise ValueError(f"fit_value: expected inputs (M, N, D) and returns (M, N) with N >= 2, received "
+                         f"{tuple(inputs.shape)} and {tuple(returns.shape)}")
+    if not (bool(torch.isfinite(inputs).all()) and bool(torch.isfinite(returns).all())):
+        raise ValueError("fit_value: inputs or returns contain NaN/inf")
+    torch.manual_seed(seed)
+    x, r = inputs.float(), returns.float()
+    spread = (r - r.mean(1, keepdim=True)).std(1)
+    # The softmax temperature of the targets: a typical within-state spread, so a typical state's best
+    # candidate gets a clearly larger target share without all mass going to one candidate.
+    temperature = float(spread[spread > 1e-6].median()) if bool((spread > 1e-6).any()) else 1.0
+    net = ChunkValueNet(x.shape[-1], chunk_shape, hidden, depth, dropout)
+    net.calibrate(x.flatten(0, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.1)
+    g = torch.Generator().manual_seed(seed + 1)
+    t0, losses = time.time(), []
+    net.train()
+    for step in range(steps):
+        idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=g)
+        loss = listwise_loss(net(x[idx]), r[idx], temperature).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if log_every and (step + 1) % log_every == 0:
+            print(f"  value step {step + 1}/{steps}  loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
+    net.eval()
+    tail = losses[-50:]
+    report = {"states": len(x), "steps": steps, "lr": lr, "temperature": round(temperature, 5), "seed": seed,
+              "final_loss": round(sum(tail) / len(tail), 5) if tail else None, "fit_s": round(time.time() - t0, 2)}
+    return net, report
+
+
+def fit_and_save(args: argparse.Namespace) -> dict:
+    from policies.selectors.base import SELECTOR_DIR
+    from policies.selectors.value import VALUE_CONFIG, VALUE_SUBDIR, ValueSelector, value_inputs
+
+    for name in ("steps", "batch_size", "hidden", "depth"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, received {getattr(args, name)}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction: expected a value in [0, 1), received {args.val_fraction}")
+    data = load_data(args.data)
+    if args.target not in data:
+        raise ValueError(f"--target {args.target}: not in every --data file (collected before it existed?)")
+    cands, returns = data["candidates"], data[args.target]
+    inputs = value_inputs(data["features"], cands)
+    episodes = data["episode"].unique()
+    perm = episodes[torch.randperm(len(episodes), generator=torch.Generator().manual_seed(args.seed))]
+    val_eps = perm[: int(len(perm) * args.val_fraction)]
+    val = torch.isin(data["episode"], val_eps)
+    if not bool((~val).any()):
+        raise ValueError("--val-fraction leaves no training episodes")
+    net, report = fit_value(inputs[~val], returns[~val], tuple(cands.shape[2:]), hidden=args.hidden, depth=args.depth,
+                            dropout=args.dropout, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                            weight_decay=args.weight_decay, seed=args.seed, log_every=max(args.steps // 5, 1))
+    with torch.no_grad():
+        report["train"] = selection_report(net(inputs[~val]), returns[~val], cands[~val])
+        if bool(val.any()):
+            report["heldout"] = selection_report(net(inputs[val]), returns[val], cands[val])
+            report["heldout_episodes"] = len(val_eps)
+    out = Path(args.out) if args.out is not None else Path(args.policy) / SELECTOR_DIR / VALUE_SUBDIR
+    ValueSelector(net).save_pretrained(out)
+    meta_file = out / VALUE_CONFIG
+    meta = json.loads(meta_file.read_text())
+    meta["fit"] = {**report, "policy": str(args.policy), "data": [str(f) for f in args.data], "target": args.target,
+                   "collected": data["meta"]}
+    meta_file.write_text(json.dumps(meta, indent=2, default=str))
+    return {"out": str(out), **report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    s = fit_and_save(args)
+    for split in ("train", "heldout"):
+        if split in s:
+            r = s[split]
+            print(f"value ({split}, {r['states']} states): Spearman within state {r['spearman']:.3f}; {args.target} above "
+                  f"the candidates' mean — first {r['gain_first']:+.3f}, consistency {r['gain_consistency']:+.3f}, "
+                  f"value {r['gain_value']:+.3f}, oracle {r['gain_oracle']:+.3f}")
+    print(f"value: saved to {s['out']} (use --selector value); {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
