@@ -477,12 +477,16 @@ def test_post_train_value_saves_with_policy_and_selects(checkpoint, tmp_path: Pa
     cands = torch.cat([r["normalized"][..., :a] for r in recs])  # (40, 6, H, A)
     assert recs[0]["actions"].shape == (1, 6, policy.config.chunk_size, a)
     data = {"features": torch.cat([r["features"].mean(-2) for r in recs]), "candidates": cands,
-            "returns": cands[..., 0].mean(-1), "final_reward": cands[..., 0, 0], "episode": torch.arange(40) // 4,
+            "returns": torch.randn(40, 6), "final_reward": cands[..., 0, 0], "episode": torch.arange(40) // 4,
             "task": torch.zeros(40, dtype=torch.long), "meta": {"policy": str(policy_dir)}}
+    torch.save(data, tmp_path / "old.pt")  # collected before the expert label existed
+    with pytest.raises(ValueError, match="--target expert: not in every --data file"):
+        main(["--policy", str(policy_dir), "--data", str(tmp_path / "old.pt"), "--steps", "1"])
+    data["expert"] = -(cands[..., 0].mean(-1) - 0.3).pow(2)  # the "expert" prefers a mean first dim of 0.3
     torch.save(data, tmp_path / "d.pt")
     assert main(["--policy", str(policy_dir), "--data", str(tmp_path / "d.pt"), "--steps", "200", "--hidden", "32"]) == 0
     fit = json.loads((policy_dir / "selector" / "value" / "value_config.json").read_text())["fit"]
-    assert fit["heldout_episodes"] == 2 and fit["train"]["spearman"] > 0.5, fit
+    assert fit["target"] == "expert" and fit["heldout_episodes"] == 2 and fit["train"]["spearman"] > 0.5, fit
     policy = VLAPolicy.from_pretrained(policy_dir)
     passes: list[int] = []
     encode = policy.backbone.encode_prefix

@@ -123,7 +123,7 @@ class VLAPolicy(nn.Module):
     @torch.no_grad()
     def sample_candidates(self, raw_obs: Mapping[str, Any], num_samples: int,
                           generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """N candidates from ONE backbone pass, with what a selector would see of them (batched raw obs).
+        """N candidates from ONE backbone pass, with what a selector would see of them (an unbatched obs is B = 1).
 
         -> ``actions`` (B, N, H, A) in the dataset's units, ``normalized`` (B, N, H, A_max) and the head's
         ``features`` (B, N, T, W). For fitting selectors from outcomes (``benchmarks/metaworld/value_data.py``).
