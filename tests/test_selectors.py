@@ -525,3 +525,23 @@ def test_value_data_rolls_every_candidate_on_training_variations(tmp_path: Path)
         assert r["expert"].shape == (3,) and (r["expert"] < 0).all()  # -MSE to the expert's chunk
     data = value_data.stack_records([res], ["reach-v3"])
     assert data["returns"].shape == data["expert"].shape == (3, 3) and data["episode"].tolist() == [0, 0, 0]
+
+
+@pytest.mark.sim
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("by", ["returns", "expert"])
+def test_oracle_selection_plays_the_evaluation_episodes(by: str) -> None:
+    """The simulator-picked upper bound runs vla eval's episode plan and executes one candidate per re-plan."""
+    pytest.importorskip("metaworld")
+    from benchmarks.metaworld.evaluate import _set_policy_spec, episode_plan
+    from benchmarks.metaworld.oracle_selection import oracle_episode
+    from benchmarks.metaworld.workers import run_jobs
+    from tests.helpers import RandomCandidatePolicy
+
+    (i, ps, _, var, seed), = episode_plan("reach-v3", 0, 3, 1)
+    assert i == 3 and ps % 2 == 1  # episode 3 of seed 0, a held-out (odd) variation pool
+    job = dict(task="reach-v3", episode=i, variation=var, episode_seed=seed, cameras=("corner2",), image_size=32,
+               max_steps=12, samples=3, by=by)
+    (res,) = list(run_jobs(oracle_episode, [job], 1, progress=False, initializer=_set_policy_spec,
+                           initargs=(RandomCandidatePolicy, "cpu")))
+    assert res["chunks"] == 3 and res["length"] == 12 and 0 <= res["picked_first"] <= 3

@@ -165,6 +165,14 @@ def eval_episode(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def episode_plan(task: str, seed: int, first_episode: int, episodes: int) -> list[tuple[int, int, int, Any, int]]:
+    """Episodes ``first_episode ..`` of ``seed``'s evaluation sequence for ``task``: (index, variation pool seed,
+    index in pool, variation, episode seed). Every evaluation of a seed runs the same episodes."""
+    drawn = variations(task, "eval", first_episode + episodes, seed)[first_episode:]
+    return [(i, ps, pi, var, int(np.random.SeedSequence([seed, zlib.crc32(task.encode()), i]).generate_state(1)[0]))
+            for i, (ps, pi, var) in enumerate(drawn, start=first_episode)]
+
+
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval of a success rate (sound at 0% and 100%, unlike the normal one)."""
     if n == 0:
@@ -240,9 +248,7 @@ def evaluate(
     start = time.perf_counter()
     jobs = []
     for task in task_list:
-        drawn = variations(task, "eval", first_episode + episodes_per_task, seed)[first_episode:]
-        for i, (ps, pi, var) in enumerate(drawn, start=first_episode):
-            ep_seed = int(np.random.SeedSequence([seed, zlib.crc32(task.encode()), i]).generate_state(1)[0])
+        for i, ps, pi, var, ep_seed in episode_plan(task, seed, first_episode, episodes_per_task):
             video = (str(videos / f"{task}_ep{i:03d}.mp4")
                      if videos is not None and i - first_episode < videos_per_task else None)
             jobs.append(dict(task=task, episode=i, pool_seed=ps, pool_index=pi, variation=var, cameras=cams,
