@@ -99,3 +99,24 @@ def expert_chunk(env, expert, raw_obs: dict[str, Any], horizon: int) -> np.ndarr
     finally:
         restore(env, snap)
     return np.stack(actions).astype(np.float32)
+
+
+def expert_closeness(env, expert, raw_obs: dict[str, Any], chunks: np.ndarray) -> np.ndarray:
+    """(K,) negated mean squared distance of each chunk (K, H, 4) to the scripted expert's own next H actions
+    from this state (both clipped to the env's [-1, 1]; state restored). Higher = closer to the expert."""
+    chunks = np.clip(np.asarray(chunks, dtype=np.float64), -1.0, 1.0)
+    ref = np.clip(expert_chunk(env, expert, raw_obs, chunks.shape[1]), -1.0, 1.0)
+    return -((chunks - ref) ** 2).mean((-1, -2)).astype(np.float32)
+
+
+def play(env, actions: np.ndarray) -> tuple[dict[str, Any], bool, int, bool]:
+    """Execute actions (T, 4), T >= 1, on the wrapper env -> (last obs, success, steps taken, episode over)."""
+    if len(actions) == 0:
+        raise ValueError("play: expected at least one action, received none")
+    obs, success, steps = None, False, 0
+    for a in actions:
+        obs, success, truncated = env.step(a)
+        steps += 1
+        if success or truncated:
+            return obs, success, steps, True
+    return obs, success, steps, False

@@ -27,7 +27,7 @@ CRITERIA = ("returns", "expert")
 
 def oracle_episode(job: dict[str, Any]) -> dict[str, Any]:
     """One evaluation episode (in a worker) where the simulator picks each executed chunk."""
-    from benchmarks.metaworld.chunk_outcome import chunk_outcomes, expert_chunk
+    from benchmarks.metaworld.chunk_outcome import chunk_outcomes, expert_closeness, play
     from benchmarks.metaworld.evaluate import _policy, _seed_everything
     from benchmarks.metaworld.expert_policy import ScriptedExpertPolicy
     from benchmarks.metaworld.workers import get_env
@@ -46,18 +46,12 @@ def oracle_episode(job: dict[str, Any]) -> dict[str, Any]:
         if job["by"] == "returns":
             score = np.array([o["return"] for o in chunk_outcomes(env, actions)])
         else:
-            ref = np.clip(expert_chunk(env, expert, obs, actions.shape[1]), -1, 1)
-            score = -((np.clip(actions, -1, 1) - ref) ** 2).mean((-1, -2))
+            score = expert_closeness(env, expert, obs, actions)
         k = int(np.argmax(score))  # the first of the best: with equal outcomes, no selection
         picked_first += k == 0
         chunks += 1
-        done = False
-        for act in actions[k][:n_exec]:
-            obs, success, truncated = env.step(act)
-            steps += 1
-            if success or truncated:
-                done = True
-                break
+        obs, success, n, done = play(env, actions[k][:n_exec])
+        steps += n
         if done:
             break
     return {"task": job["task"], "episode": job["episode"], "success": bool(success), "length": steps,

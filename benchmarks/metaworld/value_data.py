@@ -31,7 +31,7 @@ def collect_job(job: dict[str, Any]) -> dict[str, Any]:
     """One training variation (in a worker): the policy's episode, with candidate outcomes every stride."""
     import torch
 
-    from benchmarks.metaworld.chunk_outcome import chunk_outcomes, expert_chunk
+    from benchmarks.metaworld.chunk_outcome import chunk_outcomes, expert_closeness, play
     from benchmarks.metaworld.evaluate import _policy, _seed_everything
     from benchmarks.metaworld.expert_policy import ScriptedExpertPolicy
     from benchmarks.metaworld.workers import get_env
@@ -53,9 +53,6 @@ def collect_job(job: dict[str, Any]) -> dict[str, Any]:
         actions = out["actions"][0].numpy()  # (N, H, 4) raw
         if save:
             outs = chunk_outcomes(env, actions)
-            # What the scripted expert (the demonstrations' source) would do from this very state: a
-            # DAgger-style label that, unlike a few steps of dense reward, exists for every task and state.
-            ref = np.clip(expert_chunk(env, expert, obs, actions.shape[1]), -1, 1)
             a = actions.shape[-1]
             records.append({
                 "features": out["features"][0].float().mean(-2).numpy().astype(np.float32),  # (N, W)
@@ -63,16 +60,14 @@ def collect_job(job: dict[str, Any]) -> dict[str, Any]:
                 "returns": np.array([o["return"] for o in outs], np.float32),
                 "final_reward": np.array([o["final_reward"] for o in outs], np.float32),
                 "success": np.array([o["success"] for o in outs]),
-                "expert": -((np.clip(actions, -1, 1) - ref) ** 2).mean((-1, -2)).astype(np.float32),
+                # What the scripted expert (the demonstrations' source) would do from this very state: a
+                # DAgger-style label that, unlike a few steps of dense reward, exists for every task and state.
+                "expert": expert_closeness(env, expert, obs, actions),
                 "step": steps})
         chunk_i += 1
-        done = False
-        for act in actions[0][:n_exec]:  # on with the first candidate: the states a 1-candidate policy visits
-            obs, success, truncated = env.step(act)
-            steps += 1
-            if success or truncated:
-                done = True
-                break
+        # on with the first candidate: the states a 1-candidate policy visits
+        obs, success, n, done = play(env, actions[0][:n_exec])
+        steps += n
         if done:
             break
     return {"task": job["task"], "episode": job["episode"], "success": bool(success), "records": records}
