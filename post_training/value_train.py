@@ -70,12 +70,6 @@ def load_data(files: Sequence[Path]) -> dict[str, Any]:
     return data
 
 
-def medoid_index(candidates: torch.Tensor) -> torch.Tensor:
-    """(M, N, H, A) -> (M,) the candidate with the smallest summed squared distance to the others."""
-    flat = candidates.flatten(2).float()
-    return torch.cdist(flat, flat).pow(2).sum(-1).argmin(-1)
-
-
 def spearman_within(scores: torch.Tensor, returns: torch.Tensor) -> float:
     """Mean rank correlation per state (states with constant returns are skipped)."""
     rs = scores.argsort(1).argsort(1).float()
@@ -87,7 +81,10 @@ def spearman_within(scores: torch.Tensor, returns: torch.Tensor) -> float:
 
 
 def selection_report(scores: torch.Tensor, returns: torch.Tensor, candidates: torch.Tensor) -> dict[str, float]:
-    """Mean return above the state's candidate mean of each choice, and the critic's within-state Spearman."""
+    """Mean target above the state's candidate mean of each choice, and the critic's within-state Spearman.
+    candidates (M, N, H, A') real action dims only; the medoid is the ``consistency`` selector's own choice."""
+    from policies.selectors.simple import medoid_distance
+
     rows = torch.arange(len(returns))
     base = returns.mean(1)
 
@@ -96,7 +93,7 @@ def selection_report(scores: torch.Tensor, returns: torch.Tensor, candidates: to
 
     return {"states": len(returns), "spearman": round(spearman_within(scores, returns), 4),
             "gain_first": gain(torch.zeros(len(returns), dtype=torch.long)),
-            "gain_consistency": gain(medoid_index(candidates)), "gain_value": gain(scores.argmax(1)),
+            "gain_consistency": gain(medoid_distance(candidates, None).argmin(1)), "gain_value": gain(scores.argmax(1)),
             "gain_oracle": gain(returns.argmax(1))}
 
 
