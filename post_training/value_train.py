@@ -45,16 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_data(files: Sequence[Path]) -> dict[str, Any]:
-    """Concatenate outcome files (episode ids kept distinct per file)."""
-    keys = ("features", "candidates", "returns", "final_reward", "episode", "task")
-    optional = ("expert",)
+VALUE_KEYS = ("features", "candidates", "returns", "final_reward", "episode", "task")
+
+
+def load_data(files: Sequence[Path], keys: Sequence[str] = VALUE_KEYS, optional: Sequence[str] = ("expert",),
+              command: str = "value") -> dict[str, Any]:
+    """Concatenate outcome files (episode ids kept distinct per file); ``keys`` must be in every file."""
     parts, offset, metas = {k: [] for k in keys}, 0, []
     for f in files:
         d = torch.load(f)
         missing = [k for k in keys if k not in d]
         if missing:
-            raise ValueError(f"--data {f}: not an outcome file of benchmarks.metaworld.value_data (missing {missing})")
+            raise ValueError(f"--data {f}: not an outcome file `vla post-train {command}` can use (missing {missing}; "
+                             "collect one with `python -m benchmarks.metaworld.value_data`)")
         for k in keys:
             parts[k].append(d[k] + offset if k == "episode" else d[k])
         for k in optional:
@@ -70,6 +73,41 @@ def load_data(files: Sequence[Path]) -> dict[str, Any]:
     return data
 
 
+def split_episodes(episode: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, int]:
+    """(M,) episode ids -> ((M,) bool held-out mask, number of held-out episodes): whole episodes are held out."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction: expected a value in [0, 1), received {val_fraction}")
+    episodes = episode.unique()
+    perm = episodes[torch.randperm(len(episodes), generator=torch.Generator().manual_seed(seed))]
+    val_eps = perm[: int(len(perm) * val_fraction)]
+    val = torch.isin(episode, val_eps)
+    if not bool((~val).any()):
+        raise ValueError("--val-fraction leaves no training episodes")
+    return val, len(val_eps)
+
+
+def train_loop(net: torch.nn.Module, batch_loss, n: int, *, steps: int, batch_size: int, lr: float,
+               weight_decay: float, seed: int, log_every: int = 0, label: str = "value") -> list[float]:
+    """AdamW + cosine decay to lr/10 over ``steps`` random minibatches of the ``n`` training rows;
+    ``batch_loss(idx) -> scalar``. Returns the per-step losses (the network is left in eval mode)."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.1)
+    g = torch.Generator().manual_seed(seed + 1)
+    losses: list[float] = []
+    net.train()
+    for step in range(steps):
+        loss = batch_loss(torch.randint(0, n, (min(batch_size, n),), generator=g))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+        if log_every and (step + 1) % log_every == 0:
+            print(f"  {label} step {step + 1}/{steps}  loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
+    net.eval()
+    return losses
+
+
 def spearman_within(scores: torch.Tensor, returns: torch.Tensor) -> float:
     """Mean rank correlation per state (states with constant returns are skipped)."""
     rs = scores.argsort(1).argsort(1).float()
@@ -80,9 +118,11 @@ def spearman_within(scores: torch.Tensor, returns: torch.Tensor) -> float:
     return float(rho.mean()) if len(rho) else float("nan")
 
 
-def selection_report(scores: torch.Tensor, returns: torch.Tensor, candidates: torch.Tensor) -> dict[str, float]:
-    """Mean target above the state's candidate mean of each choice, and the critic's within-state Spearman.
-    candidates (M, N, H, A') real action dims only; the medoid is the ``consistency`` selector's own choice."""
+def selection_report(scores: torch.Tensor, returns: torch.Tensor, candidates: torch.Tensor,
+                     name: str = "value") -> dict[str, float]:
+    """Mean target above the state's candidate mean of each choice, and the scorer's within-state Spearman.
+    candidates (M, N, H, A') real action dims only; the medoid is the ``consistency`` selector's own choice;
+    ``name``: the scored selector (key ``gain_<name>``)."""
     from policies.selectors.simple import medoid_distance
 
     rows = torch.arange(len(returns))
@@ -93,7 +133,7 @@ def selection_report(scores: torch.Tensor, returns: torch.Tensor, candidates: to
 
     return {"states": len(returns), "spearman": round(spearman_within(scores, returns), 4),
             "gain_first": gain(torch.zeros(len(returns), dtype=torch.long)),
-            "gain_consistency": gain(medoid_distance(candidates, None).argmin(1)), "gain_value": gain(scores.argmax(1)),
+            "gain_consistency": gain(medoid_distance(candidates, None).argmin(1)), f"gain_{name}": gain(scores.argmax(1)),
             "gain_oracle": gain(returns.argmax(1))}
 
 
@@ -129,22 +169,9 @@ def fit_value(inputs: torch.Tensor, returns: torch.Tensor, chunk_shape: tuple[in
         temperature = float(spread[spread > 1e-6].median()) if bool((spread > 1e-6).any()) else 1.0
     net = ChunkValueNet(x.shape[-1], chunk_shape, hidden, depth, dropout)
     net.calibrate(x.flatten(0, 1))
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1), eta_min=lr * 0.1)
-    g = torch.Generator().manual_seed(seed + 1)
-    t0, losses = time.time(), []
-    net.train()
-    for step in range(steps):
-        idx = torch.randint(0, len(x), (min(batch_size, len(x)),), generator=g)
-        loss = listwise_loss(net(x[idx]), r[idx], temperature).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-        if log_every and (step + 1) % log_every == 0:
-            print(f"  value step {step + 1}/{steps}  loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
-    net.eval()
+    t0 = time.time()
+    losses = train_loop(net, lambda idx: listwise_loss(net(x[idx]), r[idx], temperature).mean(), len(x), steps=steps,
+                        batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, log_every=log_every)
     tail = losses[-50:]
     report = {"states": len(x), "steps": steps, "lr": lr, "temperature": round(temperature, 5), "seed": seed,
               "per_state": per_state,
@@ -154,24 +181,17 @@ def fit_value(inputs: torch.Tensor, returns: torch.Tensor, chunk_shape: tuple[in
 
 def fit_and_save(args: argparse.Namespace) -> dict:
     from policies.selectors.base import SELECTOR_DIR
-    from policies.selectors.value import VALUE_CONFIG, VALUE_SUBDIR, ValueSelector, value_inputs
+    from policies.selectors.value import VALUE_SUBDIR, ValueSelector, value_inputs
 
     for name in ("steps", "batch_size", "hidden", "depth"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, received {getattr(args, name)}")
-    if not 0.0 <= args.val_fraction < 1.0:
-        raise ValueError(f"--val-fraction: expected a value in [0, 1), received {args.val_fraction}")
     data = load_data(args.data)
     if args.target not in data:
         raise ValueError(f"--target {args.target}: not in every --data file (collected before it existed?)")
     cands, returns = data["candidates"], data[args.target]
     inputs = value_inputs(data["features"], cands)
-    episodes = data["episode"].unique()
-    perm = episodes[torch.randperm(len(episodes), generator=torch.Generator().manual_seed(args.seed))]
-    val_eps = perm[: int(len(perm) * args.val_fraction)]
-    val = torch.isin(data["episode"], val_eps)
-    if not bool((~val).any()):
-        raise ValueError("--val-fraction leaves no training episodes")
+    val, n_val = split_episodes(data["episode"], args.val_fraction, args.seed)
     net, report = fit_value(inputs[~val], returns[~val], tuple(cands.shape[2:]), hidden=args.hidden, depth=args.depth,
                             dropout=args.dropout, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                             weight_decay=args.weight_decay, seed=args.seed, per_state=args.per_state,
@@ -180,15 +200,21 @@ def fit_and_save(args: argparse.Namespace) -> dict:
         report["train"] = selection_report(net(inputs[~val]), returns[~val], cands[~val])
         if bool(val.any()):
             report["heldout"] = selection_report(net(inputs[val]), returns[val], cands[val])
-            report["heldout_episodes"] = len(val_eps)
+            report["heldout_episodes"] = n_val
     out = Path(args.out) if args.out is not None else Path(args.policy) / SELECTOR_DIR / VALUE_SUBDIR
-    ValueSelector(net).save_pretrained(out)
-    meta_file = out / VALUE_CONFIG
-    meta = json.loads(meta_file.read_text())
-    meta["fit"] = {**report, "policy": str(args.policy), "data": [str(f) for f in args.data], "target": args.target,
-                   "collected": data["meta"]}
-    meta_file.write_text(json.dumps(meta, indent=2, default=str))
+    save_fitted(ValueSelector(net), out, {**report, "policy": str(args.policy), "data": [str(f) for f in args.data],
+                                          "target": args.target, "collected": data["meta"]})
     return {"out": str(out), **report}
+
+
+def save_fitted(selector: Any, out: Path, fit: dict) -> None:
+    """Save a selector whose assets include ``value_config.json`` and add the fit report to it (key ``fit``)."""
+    from policies.selectors.value import VALUE_CONFIG
+
+    selector.save_pretrained(out)
+    meta = json.loads((out / VALUE_CONFIG).read_text())
+    meta["fit"] = fit
+    (out / VALUE_CONFIG).write_text(json.dumps(meta, indent=2, default=str))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

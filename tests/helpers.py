@@ -71,7 +71,7 @@ def two_robot_datasets(base, b_episodes: int = 3):
 
 class RandomCandidatePolicy:
     """A MetaWorld stand-in for ``VLAPolicy.sample_candidates`` (importable, so simulator workers can build
-    it): N random chunks in [-1, 1] with random features; chunk 8, 4 executed, W = 5."""
+    it): N random chunks in [-1, 1] with random features; chunk 8, 4 executed, W = 5, summary C = 6."""
 
     config = type("Config", (), {"n_action_steps": 4, "chunk_size": 8})()
 
@@ -85,4 +85,10 @@ class RandomCandidatePolicy:
         import torch
 
         a = torch.rand(1, num_samples, 8, 4, generator=generator) * 2 - 1
-        return {"actions": a, "normalized": a, "features": torch.randn(1, num_samples, 8, 5, generator=generator)}
+        return {"actions": a, "normalized": a, "features": torch.randn(1, num_samples, 8, 5, generator=generator),
+                "summary": torch.randn(1, 6, generator=generator)}
+
+    def normalize_actions(self, actions):
+        import torch
+
+        return torch.as_tensor(actions, dtype=torch.float32)[None]  # raw == normalized here

@@ -20,11 +20,23 @@ from policies.selectors import (
     selector_names,
 )
 from policies.selectors.cfn import CfnSelector
+from policies.selectors.dagger import DaggerSelector, dagger_inputs
 from policies.selectors.value import ValueSelector, listwise_loss, value_inputs
+from post_training.dagger_train import dagger_report, fit_dagger
 from post_training.value_train import fit_value, selection_report
 from vla.registry import UnknownNameError
 
 B, N, H, A, W = 3, 6, 4, 3, 16
+T, D, S = 5, 8, 2  # prefix tokens, backbone width, proprio dims of the fake observation
+
+
+def _obs_prefix(b: int = B, seed: int = 2) -> tuple[SimpleNamespace, SimpleNamespace]:
+    """A fake normalized observation (state (b, S)) and prefix (hidden (b, T, D), the last token padded)."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, T, dtype=torch.bool)
+    mask[:, -1] = False
+    obs = SimpleNamespace(batch_size=b, state=torch.randn(b, S, generator=g))
+    return obs, SimpleNamespace(hidden=torch.randn(b, T, D, generator=g), mask=mask, extras={})
 
 
 def _low_rank_features(m: int, w: int = W, rank: int = 3, seed: int = 0) -> torch.Tensor:
@@ -49,6 +61,16 @@ def _tiny_value(w: int = W) -> ValueSelector:
     return ValueSelector(net)
 
 
+def _tiny_dagger(w: int = W) -> DaggerSelector:
+    """An expert-chunk predictor fitted in a few steps on random states."""
+    g = torch.Generator().manual_seed(3)
+    summary, pooled = torch.randn(32, D + S, generator=g), torch.randn(32, N, w, generator=g)
+    cands = torch.randn(32, N, H, A, generator=g)
+    net, _ = fit_dagger(dagger_inputs(summary, pooled, cands, A), cands, torch.randn(32, H, A, generator=g), hidden=16,
+                        depth=1, steps=20)
+    return DaggerSelector(net)
+
+
 def _tiny_cfn(w: int = W) -> CfnSelector:
     net, _ = fit_cfn(_low_rank_features(64, w), flips=8, hidden=16, depth=1, steps=20)
     return CfnSelector(net)
@@ -62,6 +84,7 @@ BUILDERS = {
     "cfn": _tiny_cfn,
     "world_model": lambda: WorldModelSelector(_RewardModel()),
     "value": _tiny_value,
+    "dagger": _tiny_dagger,
 }
 
 
@@ -76,18 +99,19 @@ def test_select_returns_one_candidate_and_its_score(name: str) -> None:
     g = torch.Generator().manual_seed(1)
     cands = torch.randn(B, N, H, A, generator=g)
     feats = torch.randn(B, N, H, W, generator=g)
-    chunk, scores = sel.select(cands, obs=SimpleNamespace(batch_size=B), prefix=None, features=feats)
+    obs, prefix = _obs_prefix()
+    chunk, scores = sel.select(cands, obs=obs, prefix=prefix, features=feats)
     assert chunk.shape == (B, H, A) and scores.shape == (B, N)
     assert torch.isfinite(scores).all()
     for b in range(B):
         k = int(scores[b].argmax())
         assert torch.equal(chunk[b], cands[b, k])  # one of the candidates, the best-scored one
     # One candidate: it is the answer, whatever the selector.
-    one, s1 = sel.select(cands[:, :1], obs=SimpleNamespace(batch_size=B), prefix=None, features=feats[:, :1])
+    one, s1 = sel.select(cands[:, :1], obs=obs, prefix=prefix, features=feats[:, :1])
     assert torch.equal(one, cands[:, 0]) and s1.shape == (B, 1)
     # Every selector takes the previous plan (selectors that do not use it ignore it).
     ref = torch.randn(B, H // 2, A, generator=g)
-    chunk, scores = sel.select(cands, obs=SimpleNamespace(batch_size=B), prefix=None, features=feats, reference=ref)
+    chunk, scores = sel.select(cands, obs=obs, prefix=prefix, features=feats, reference=ref)
     assert torch.isfinite(scores).all() and all(torch.equal(chunk[b], cands[b, int(scores[b].argmax())]) for b in range(B))
 
 
@@ -456,6 +480,22 @@ def test_value_selector_save_load_and_shape_errors(tmp_path: Path) -> None:
         make_selector("value", path=str(tmp_path / "nothing"))
 
 
+def _assert_one_pass_selects_argmax(policy_dir: Path, raw: dict, selector: str) -> None:
+    """The selector saved with the policy is found by name, the backbone runs once for 8 candidates, and the
+    executed chunk is the best-scored of the candidates the same seed gives without selection."""
+    from vla.policy import VLAPolicy
+
+    policy = VLAPolicy.from_pretrained(policy_dir)
+    passes: list[int] = []
+    encode = policy.backbone.encode_prefix
+    policy.backbone.encode_prefix = lambda obs: (passes.append(1), encode(obs))[1]
+    seed = lambda: torch.Generator().manual_seed(5)
+    chosen = policy.predict_action_chunk(raw, num_samples=8, generator=seed(), selector=selector)
+    assert len(passes) == 1 and policy.last_scores.shape == (1, 8)
+    allc = policy.predict_action_chunk(raw, num_samples=8, generator=seed())
+    assert np.allclose(chosen, allc[int(policy.last_scores[0].argmax())], atol=1e-5)
+
+
 def test_post_train_value_saves_with_policy_and_selects(checkpoint, tmp_path: Path) -> None:
     """Outcome data of the policy's own candidates -> `vla post-train value` -> <policy>/selector/value/;
     --selector value then runs the backbone once for N candidates and executes the best-scored one."""
@@ -487,18 +527,101 @@ def test_post_train_value_saves_with_policy_and_selects(checkpoint, tmp_path: Pa
     assert main(["--policy", str(policy_dir), "--data", str(tmp_path / "d.pt"), "--steps", "200", "--hidden", "32"]) == 0
     fit = json.loads((policy_dir / "selector" / "value" / "value_config.json").read_text())["fit"]
     assert fit["target"] == "expert" and fit["heldout_episodes"] == 2 and fit["train"]["spearman"] > 0.5, fit
-    policy = VLAPolicy.from_pretrained(policy_dir)
-    passes: list[int] = []
-    encode = policy.backbone.encode_prefix
-    policy.backbone.encode_prefix = lambda obs: (passes.append(1), encode(obs))[1]
-    seed = lambda: torch.Generator().manual_seed(5)
-    chosen = policy.predict_action_chunk(raw, num_samples=8, generator=seed(), selector="value")
-    assert len(passes) == 1 and policy.last_scores.shape == (1, 8)
-    allc = policy.predict_action_chunk(raw, num_samples=8, generator=seed())
-    assert np.allclose(chosen, allc[int(policy.last_scores[0].argmax())], atol=1e-5)
+    _assert_one_pass_selects_argmax(policy_dir, raw, "value")
     with pytest.raises(ValueError, match="not an outcome file"):
         torch.save({"features": data["features"]}, tmp_path / "bad.pt")
         main(["--policy", str(policy_dir), "--data", str(tmp_path / "bad.pt")])
+
+
+def _dagger_states(m: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """m states whose expert chunk (a per-state goal) only the observation summary encodes; the N candidates
+    scatter around 0, so the medoid is no closer to the expert than a random candidate."""
+    g = torch.Generator().manual_seed(seed)
+    goal = torch.randn(m, 1, A, generator=g)
+    expert = goal.expand(m, H, A).contiguous()
+    summary = torch.cat([goal.flatten(1), torch.randn(m, D + S - A, generator=g)], 1)
+    cands = 1.5 * torch.randn(m, N, H, A, generator=g)
+    pooled = torch.randn(m, N, W, generator=g)
+    closeness = -(cands - expert[:, None]).pow(2).mean((-1, -2))
+    return dagger_inputs(summary, pooled, cands, A), cands, expert, closeness
+
+
+def test_dagger_predicts_the_expert_chunk_and_picks_the_closest_candidate() -> None:
+    x, cands, expert, close = _dagger_states(800, 0)
+    net, report = fit_dagger(x, cands, expert, hidden=64, steps=400, seed=0)
+    assert report["final_loss"] is not None and report["states"] == 800
+    rep = dagger_report(net, *_dagger_states(200, 1))  # unseen states
+    assert rep["mse_prediction"] < 0.5 * rep["mse_candidate_mean"], rep
+    assert rep["spearman"] > 0.6, rep
+    assert rep["gain_dagger"] > rep["gain_consistency"] + 0.5 * (rep["gain_oracle"] - rep["gain_consistency"]), rep
+    with pytest.raises(ValueError, match="one M"):
+        fit_dagger(x[:-1], cands, expert)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_dagger(x, cands, expert * float("nan"), steps=1)
+
+
+def test_dagger_selector_reads_the_observation_save_load_and_errors(tmp_path: Path) -> None:
+    sel = _tiny_dagger()
+    g = torch.Generator().manual_seed(4)
+    cands, feats = torch.randn(B, N, H, A, generator=g), torch.randn(B, N, H, W, generator=g)
+    obs, prefix = _obs_prefix()
+    _, scores = sel.select(cands, obs=obs, prefix=prefix, features=feats)
+    # The score is minus the distance to one predicted chunk per observation: a candidate equal to the
+    # prediction would score 0, and moving the observation moves the prediction.
+    obs2, prefix2 = _obs_prefix(seed=9)
+    assert not torch.allclose(sel.select(cands, obs=obs2, prefix=prefix2, features=feats)[1], scores)
+    padded = prefix.hidden.clone()
+    padded[:, -1] += 100.0  # a padded prefix token must not change anything
+    same = SimpleNamespace(hidden=padded, mask=prefix.mask, extras={})
+    assert torch.allclose(sel.select(cands, obs=obs, prefix=same, features=feats)[1], scores)
+    sel.save_pretrained(tmp_path / "d")
+    again = load_selector(tmp_path / "d")
+    assert again.name == "dagger" and torch.allclose(again.select(cands, obs=obs, prefix=prefix, features=feats)[1], scores)
+    with pytest.raises(ValueError, match="pass obs= and prefix="):
+        sel.select(cands, features=feats)
+    with pytest.raises(ValueError, match=r"fitted on chunks of 4 steps x 3 action dims"):
+        sel.select(torch.randn(B, N, H + 1, A), obs=obs, prefix=prefix, features=torch.randn(B, N, H + 1, W))
+    with pytest.raises(ValueError, match="inputs must have width"):
+        sel.select(cands, obs=obs, prefix=prefix, features=torch.randn(B, N, H, W + 1))
+    with pytest.raises(FileNotFoundError, match="vla post-train dagger"):
+        make_selector("dagger", path=str(tmp_path / "nothing"))
+
+
+def test_post_train_dagger_saves_with_policy_and_selects(checkpoint, tmp_path: Path) -> None:
+    """Expert-labelled states of the policy's own candidates -> `vla post-train dagger` -> <policy>/selector/dagger/;
+    --selector dagger then runs the backbone once for N candidates and executes the best-scored one."""
+    import json
+    import shutil
+
+    from post_training.dagger_train import main
+    from vla.policy import VLAPolicy
+
+    policy_dir = tmp_path / "policy"
+    shutil.copytree(checkpoint[0], policy_dir)
+    policy = VLAPolicy.from_pretrained(policy_dir)
+    with pytest.raises(FileNotFoundError, match="vla post-train dagger"):
+        policy.predict_action_chunk(_raw(policy), num_samples=2, selector="dagger")
+    raw = _raw(policy)
+    g = torch.Generator().manual_seed(0)
+    a = policy.preprocessor.action_dim
+    recs = [policy.sample_candidates(raw, 6, generator=g) for _ in range(40)]
+    cands = torch.cat([r["normalized"][..., :a] for r in recs])  # (40, 6, H, A)
+    expert = torch.full_like(cands[:, 0], 0.3)  # the "expert" always plays 0.3
+    assert policy.normalize_actions(recs[0]["actions"][0, 0]).shape == (1, policy.config.chunk_size,
+                                                                        policy.config.max_action_dim)
+    data = {"features": torch.cat([r["features"].mean(-2) for r in recs]), "candidates": cands,
+            "summary": torch.cat([r["summary"] for r in recs]), "expert": -(cands - expert[:, None]).pow(2).mean((-1, -2)),
+            "episode": torch.arange(40) // 4, "task": torch.zeros(40, dtype=torch.long), "meta": {}}
+    torch.save(data, tmp_path / "old.pt")  # collected before expert chunks were stored
+    with pytest.raises(ValueError, match=r"missing \['expert_chunk'\]"):
+        main(["--policy", str(policy_dir), "--data", str(tmp_path / "old.pt"), "--steps", "1"])
+    data["expert_chunk"] = expert
+    torch.save(data, tmp_path / "d.pt")
+    assert main(["--policy", str(policy_dir), "--data", str(tmp_path / "d.pt"), "--steps", "300", "--hidden", "32"]) == 0
+    fit = json.loads((policy_dir / "selector" / "dagger" / "value_config.json").read_text())["fit"]
+    assert fit["heldout_episodes"] == 2, fit
+    assert fit["heldout"]["mse_prediction"] < fit["heldout"]["mse_candidate_mean"], fit
+    _assert_one_pass_selects_argmax(policy_dir, raw, "dagger")
 
 
 @pytest.mark.sim
@@ -523,8 +646,18 @@ def test_value_data_rolls_every_candidate_on_training_variations(tmp_path: Path)
         assert r["returns"].shape == (3,) and np.isfinite(r["returns"]).all()
         assert len(set(r["returns"].tolist())) == 3  # three random chunks, three outcomes
         assert r["expert"].shape == (3,) and (r["expert"] < 0).all()  # -MSE to the expert's chunk
+        assert r["summary"].shape == (6,) and r["expert_chunk"].shape == (8, 4)
+        # the stored expert chunk is the one the closeness was measured against (raw == normalized here)
+        assert np.allclose(r["expert"], -((np.clip(r["candidates"], -1, 1) - r["expert_chunk"]) ** 2).mean((-1, -2)),
+                           atol=1e-6)
     data = value_data.stack_records([res], ["reach-v3"])
     assert data["returns"].shape == data["expert"].shape == (3, 3) and data["episode"].tolist() == [0, 0, 0]
+    assert data["expert_chunk"].shape == (3, 8, 4) and data["summary"].shape == (3, 6)
+    # --no-rollouts: the same states and expert labels, no candidate outcomes
+    (res2,) = list(run_jobs(value_data.collect_job, [{**job, "rollouts": False}], 1, progress=False,
+                            initializer=_set_policy_spec, initargs=(RandomCandidatePolicy, "cpu")))
+    data2 = value_data.stack_records([res2], ["reach-v3"])
+    assert "returns" not in data2 and data2["expert_chunk"].shape == (3, 8, 4)
 
 
 @pytest.mark.sim

@@ -7,7 +7,7 @@
     vla tokenizer fit --tokenizer.type=fast --dataset=ROOT --out=DIR   fit an action tokenizer
     vla demo                                             data -> train -> eval -> report (README)
     vla pretrain ...                                     multi-process DeepSpeed training (torchrun/deepspeed)
-    vla post-train {world-model,preferences,dpo,cfn,value} ... post-training and selector fitting
+    vla post-train {world-model,preferences,dpo,cfn,value,dagger} post-training and selector fitting
     vla serve --policy PATH [--adapter NAME=PATH ...]    websocket policy server
     vla deploy --robot.type=NAME --server ws://...       robot control loop
 """
@@ -79,7 +79,7 @@ COMMANDS = {
     "pretrain": lambda argv: int(__import__("vla.train_deepspeed", fromlist=["main"]).main(argv) or 0),
     "post-train": _sub({"world-model": "post_training.world_model_train", "preferences": "post_training.preferences",
                         "dpo": "post_training.dpo", "cfn": "post_training.cfn_train",
-                        "value": "post_training.value_train"}, "post-train"),
+                        "value": "post_training.value_train", "dagger": "post_training.dagger_train"}, "post-train"),
     "serve": lambda argv: int(__import__("robots.server", fromlist=["main"]).main(argv) or 0),
     "deploy": lambda argv: int(__import__("robots.deploy", fromlist=["main"]).main(argv) or 0),
     "demo": lambda argv: int(__import__("benchmarks.demo", fromlist=["main"]).main(argv) or 0),

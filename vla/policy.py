@@ -125,9 +125,12 @@ class VLAPolicy(nn.Module):
                           generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """N candidates from ONE backbone pass, with what a selector would see of them (an unbatched obs is B = 1).
 
-        -> ``actions`` (B, N, H, A) in the dataset's units, ``normalized`` (B, N, H, A_max) and the head's
-        ``features`` (B, N, T, W). For fitting selectors from outcomes (``benchmarks/metaworld/value_data.py``).
+        -> ``actions`` (B, N, H, A) in the dataset's units, ``normalized`` (B, N, H, A_max), the head's
+        ``features`` (B, N, T, W) and the observation ``summary`` (B, C) the ``dagger`` selector reads. For
+        fitting selectors from outcomes (``benchmarks/metaworld/value_data.py``).
         """
+        from policies.selectors.dagger import observation_summary
+
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples: expected an int >= 1, received {num_samples!r}")
         pre = self._pre()
@@ -138,9 +141,17 @@ class VLAPolicy(nn.Module):
             prefix = self.encode(obs, self._dim_mask(obs.batch_size, obs.device))
             cands, feats = self.head.sample(self.backbone, prefix, num_samples=num_samples, generator=generator,
                                             return_features=True)
+            summary = observation_summary(prefix, obs)
         finally:
             self.train(was_training)
-        return {"actions": pre.unnormalize_actions(cands.float()), "normalized": cands, "features": feats}
+        return {"actions": pre.unnormalize_actions(cands.float()), "normalized": cands, "features": feats,
+                "summary": summary}
+
+    def normalize_actions(self, actions: Any) -> Tensor:
+        """Raw (H', A) or (B, H', A) actions, 1 <= H' <= chunk_size -> (B, H', max_action_dim) in the head's
+        normalized, zero-padded units (e.g. a reference chunk compared with ``sample_candidates``' output)."""
+        a = np.asarray(actions)
+        return self._normalized_actions(actions, 1 if a.ndim == 2 else int(a.shape[0]), "actions")
 
     def reset(self) -> None:
         """Called at episode start (stateless policy: nothing to clear; brokers keep the queues)."""

@@ -101,12 +101,14 @@ def expert_chunk(env, expert, raw_obs: dict[str, Any], horizon: int) -> np.ndarr
     return np.stack(actions).astype(np.float32)
 
 
-def expert_closeness(env, expert, raw_obs: dict[str, Any], chunks: np.ndarray) -> np.ndarray:
+def expert_closeness(env, expert, raw_obs: dict[str, Any], chunks: np.ndarray,
+                     ref: np.ndarray | None = None) -> np.ndarray:
     """(K,) negated mean squared distance of each chunk (K, H, 4) to the scripted expert's own next H actions
-    from this state (both clipped to the env's [-1, 1]; state restored). Higher = closer to the expert."""
+    from this state (both clipped to the env's [-1, 1]; state restored). Higher = closer to the expert.
+    ``ref``: that expert chunk (H, 4) when the caller already rolled it (``expert_chunk``)."""
     chunks = np.clip(np.asarray(chunks, dtype=np.float64), -1.0, 1.0)
-    ref = np.clip(expert_chunk(env, expert, raw_obs, chunks.shape[1]), -1.0, 1.0)
-    return -((chunks - ref) ** 2).mean((-1, -2)).astype(np.float32)
+    ref = expert_chunk(env, expert, raw_obs, chunks.shape[1]) if ref is None else ref
+    return -((chunks - np.clip(ref, -1.0, 1.0)) ** 2).mean((-1, -2)).astype(np.float32)
 
 
 def play(env, actions: np.ndarray) -> tuple[dict[str, Any], bool, int, bool]:

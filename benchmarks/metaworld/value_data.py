@@ -9,11 +9,13 @@ it would without selection. Every ``--stride``-th re-plan the MuJoCo + MetaWorld
 policy samples ``--samples`` candidates from one backbone pass (``VLAPolicy.sample_candidates``), and
 each candidate is rolled from the saved state (``chunk_outcome.py``, no rendering): the sum of
 MetaWorld's dense rewards over the chunk is that candidate's outcome. The scripted expert's own next
-chunk from the same state is recorded too, and each candidate's negated mean squared distance to it
-(``expert``, raw actions clipped to [-1, 1]). The episode then goes on with the first candidate.
-Saved per state: the head's features pooled over the action tokens (N, W), the normalized candidates
-(N, H, A), their returns, last-step rewards, expert scores and successes, and the task/episode
-(``vla post-train value`` holds out whole episodes).
+chunk from the same state is recorded too (``expert_chunk``, normalized like the candidates: the DAgger
+label of the ``dagger`` selector), and each candidate's negated mean squared distance to it (``expert``,
+raw actions clipped to [-1, 1]). The episode then goes on with the first candidate.
+Saved per state: the head's features pooled over the action tokens (N, W), the observation summary
+(C,), the normalized candidates (N, H, A), their returns, last-step rewards, expert scores and
+successes, and the task/episode (``vla post-train value|dagger`` hold out whole episodes).
+``--no-rollouts`` skips rolling the candidates (no returns; enough for ``expert`` and ``dagger``).
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def collect_job(job: dict[str, Any]) -> dict[str, Any]:
     """One training variation (in a worker): the policy's episode, with candidate outcomes every stride."""
     import torch
 
-    from benchmarks.metaworld.chunk_outcome import chunk_outcomes, expert_closeness, play
+    from benchmarks.metaworld.chunk_outcome import chunk_outcomes, expert_chunk, expert_closeness, play
     from benchmarks.metaworld.evaluate import _policy, _seed_everything
     from benchmarks.metaworld.expert_policy import ScriptedExpertPolicy
     from benchmarks.metaworld.workers import get_env
@@ -52,18 +54,23 @@ def collect_job(job: dict[str, Any]) -> dict[str, Any]:
         out = policy.sample_candidates(obs, job["samples"] if save else 1, generator=g)
         actions = out["actions"][0].numpy()  # (N, H, 4) raw
         if save:
-            outs = chunk_outcomes(env, actions)
             a = actions.shape[-1]
-            records.append({
+            # What the scripted expert (the demonstrations' source) would do from this very state: a
+            # DAgger-style label that, unlike a few steps of dense reward, exists for every task and state.
+            ref = np.clip(expert_chunk(env, expert, obs, actions.shape[1]), -1.0, 1.0)
+            rec = {
                 "features": out["features"][0].float().mean(-2).numpy().astype(np.float32),  # (N, W)
+                "summary": out["summary"][0].float().numpy().astype(np.float32),  # (C,)
                 "candidates": out["normalized"][0, ..., :a].float().numpy().astype(np.float32),  # (N, H, A)
-                "returns": np.array([o["return"] for o in outs], np.float32),
-                "final_reward": np.array([o["final_reward"] for o in outs], np.float32),
-                "success": np.array([o["success"] for o in outs]),
-                # What the scripted expert (the demonstrations' source) would do from this very state: a
-                # DAgger-style label that, unlike a few steps of dense reward, exists for every task and state.
-                "expert": expert_closeness(env, expert, obs, actions),
-                "step": steps})
+                "expert": expert_closeness(env, expert, obs, actions, ref),
+                "expert_chunk": policy.normalize_actions(ref)[0, :, :a].numpy().astype(np.float32),
+                "step": steps}
+            if job.get("rollouts", True):
+                outs = chunk_outcomes(env, actions)
+                rec.update(returns=np.array([o["return"] for o in outs], np.float32),
+                           final_reward=np.array([o["final_reward"] for o in outs], np.float32),
+                           success=np.array([o["success"] for o in outs]))
+            records.append(rec)
         chunk_i += 1
         # on with the first candidate: the states a 1-candidate policy visits
         obs, success, n, done = play(env, actions[0][:n_exec])
@@ -84,10 +91,13 @@ def stack_records(results: list[dict[str, Any]], tasks: list[str]) -> dict[str, 
     def stack(key: str, dtype=None) -> torch.Tensor:
         return torch.as_tensor(np.stack([r[key] for _, _, r in rows]), dtype=dtype)
 
-    return {"features": stack("features"), "candidates": stack("candidates"), "returns": stack("returns"),
-            "final_reward": stack("final_reward"), "expert": stack("expert"), "success": stack("success", torch.bool),
-            "step": torch.tensor([r["step"] for _, _, r in rows]),
-            "task": torch.tensor([t for t, _, _ in rows]), "episode": torch.tensor([e for _, e, _ in rows])}
+    out = {"features": stack("features"), "summary": stack("summary"), "candidates": stack("candidates"),
+           "expert": stack("expert"), "expert_chunk": stack("expert_chunk"),
+           "step": torch.tensor([r["step"] for _, _, r in rows]),
+           "task": torch.tensor([t for t, _, _ in rows]), "episode": torch.tensor([e for _, e, _ in rows])}
+    if "returns" in rows[0][2]:  # collected with rollouts
+        out.update(returns=stack("returns"), final_reward=stack("final_reward"), success=stack("success", torch.bool))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--max-steps", type=int, default=500)
     p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--no-rollouts", dest="rollouts", action="store_false",
+                   help="do not roll the candidates (no returns): expert labels only, for `vla post-train dagger`")
     p.add_argument("--out", type=Path, required=True, help="a .pt file")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -122,21 +134,24 @@ def main(argv: list[str] | None = None) -> int:
         for i, (_, _, var) in enumerate(variations(task, "train", args.episodes, args.seed)):
             seed = int(np.random.SeedSequence([args.seed, zlib.crc32(task.encode()), i, 17]).generate_state(1)[0])
             jobs.append(dict(task=task, episode=i, variation=var, cameras=cams, image_size=args.image_size,
-                             samples=args.samples, stride=args.stride, max_steps=args.max_steps, episode_seed=seed))
+                             samples=args.samples, stride=args.stride, max_steps=args.max_steps, episode_seed=seed,
+                             rollouts=args.rollouts))
     with contextlib.closing(run_jobs(collect_job, jobs, args.workers, "episodes", not args.no_progress,
                                      _set_policy_spec, (args.policy, "cpu"))) as it:
         results = list(it)
     data = stack_records(results, tasks)
     data["meta"] = {"policy": str(args.policy), "tasks": tasks, "episodes_per_task": args.episodes,
                     "samples": args.samples, "stride": args.stride, "seed": args.seed, "split": "train",
+                    "rollouts": args.rollouts,
                     "policy_success": float(np.mean([r["success"] for r in results])),
                     "provenance": provenance(started)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(data, args.out)
-    r = data["returns"]
+    r = data.get("returns", data["expert"])
     spread = (r.max(1).values - r.min(1).values).mean()
     print(f"value_data: {len(r)} states from {len(results)} episodes ({len(tasks)} tasks), {args.samples} candidates "
-          f"each; mean within-state return spread {float(spread):.3f}; policy success on these variations "
+          f"each; mean within-state {'return' if args.rollouts else 'expert-closeness'} spread {float(spread):.3f}; "
+          f"policy success on these variations "
           f"{data['meta']['policy_success']:.0%}; {time.time() - started:.0f} s -> {args.out}")
     return 0
 

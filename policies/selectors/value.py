@@ -59,20 +59,22 @@ def listwise_loss(scores: Tensor, returns: Tensor, temperature: float) -> Tensor
 
 
 class ChunkValueNet(nn.Module):
-    """(..., D) standardized inputs -> (...,) score. D = 2 W + 2 H A' (``value_inputs``)."""
+    """(..., D) standardized inputs -> (...,) score (``out_dim`` 1) or (..., out_dim). D = 2 W + 2 H A' for the
+    value critic (``value_inputs``); the ``dagger`` selector uses the same MLP with out_dim H A'."""
 
     def __init__(self, in_dim: int, chunk_shape: tuple[int, int], hidden: int = 256, depth: int = 2,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, out_dim: int = 1, name: str = "value"):
         super().__init__()
-        for name, v in (("in_dim", in_dim), ("hidden", hidden), ("depth", depth)):
+        for label, v in (("in_dim", in_dim), ("hidden", hidden), ("depth", depth), ("out_dim", out_dim)):
             if not isinstance(v, int) or v < 1:
-                raise ValueError(f"ChunkValueNet: {name} must be an int >= 1, received {v!r}")
+                raise ValueError(f"ChunkValueNet: {label} must be an int >= 1, received {v!r}")
         if not 0 <= dropout < 1:
             raise ValueError(f"ChunkValueNet: dropout must be in [0, 1), received {dropout!r}")
-        self.in_dim, self.hidden, self.depth, self.dropout = in_dim, hidden, depth, dropout
+        self.in_dim, self.hidden, self.depth, self.dropout, self.out_dim = in_dim, hidden, depth, dropout, out_dim
+        self.name = name  # the selector it belongs to, for error messages
         self.chunk_shape = (int(chunk_shape[0]), int(chunk_shape[1]))  # (H, A') the inputs were built from
         layers: list[nn.Module] = []
-        for layer in _mlp(in_dim, hidden, depth, 1):
+        for layer in _mlp(in_dim, hidden, depth, out_dim):
             layers.append(layer)
             if isinstance(layer, nn.SiLU) and dropout:
                 layers.append(nn.Dropout(dropout))  # a few thousand states: regularize
@@ -91,12 +93,13 @@ class ChunkValueNet(nn.Module):
 
     def _check(self, x: Tensor) -> None:
         if x.shape[-1] != self.in_dim:
-            raise ValueError(f"selector 'value': inputs must have width {self.in_dim} (features and a chunk of shape "
+            raise ValueError(f"selector {self.name!r}: inputs must have width {self.in_dim} (features and a chunk of shape "
                              f"{self.chunk_shape}, as fitted), received shape {tuple(x.shape)}")
 
     def forward(self, inputs: Tensor) -> Tensor:
         self._check(inputs)
-        return self.net((inputs.float() - self.in_mean) / self.in_std).squeeze(-1)
+        out = self.net((inputs.float() - self.in_mean) / self.in_std)
+        return out.squeeze(-1) if self.out_dim == 1 else out
 
     def save(self, path: Path, pool: str, extra: dict | None = None) -> None:
         from safetensors.torch import save_file
@@ -104,20 +107,21 @@ class ChunkValueNet(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path / VALUE_WEIGHTS))
         meta = {"in_dim": self.in_dim, "chunk_shape": list(self.chunk_shape), "hidden": self.hidden,
-                "depth": self.depth, "dropout": self.dropout, "pool": pool}
+                "depth": self.depth, "dropout": self.dropout, "out_dim": self.out_dim, "pool": pool}
         (path / VALUE_CONFIG).write_text(json.dumps({**meta, **(extra or {})}, indent=2))
 
     @classmethod
-    def load(cls, path: Path) -> tuple[ChunkValueNet, str]:
+    def load(cls, path: Path, name: str = "value") -> tuple[ChunkValueNet, str]:
+        """-> (network, pool) from a folder written by :meth:`save`; ``name``: the selector (and post-train command)."""
         from safetensors.torch import load_file
 
         for f in (VALUE_CONFIG, VALUE_WEIGHTS):
             if not (path / f).is_file():
-                raise FileNotFoundError(f"{path} holds no fitted value network: {f} is missing (fit one with "
-                                        "`vla post-train value --policy P --data D`)")
+                raise FileNotFoundError(f"{path} holds no fitted {name} network: {f} is missing (fit one with "
+                                        f"`vla post-train {name} --policy P --data D`)")
         meta = json.loads((path / VALUE_CONFIG).read_text())
         net = cls(int(meta["in_dim"]), tuple(meta["chunk_shape"]), int(meta["hidden"]), int(meta["depth"]),
-                  float(meta.get("dropout", 0.0)))
+                  float(meta.get("dropout", 0.0)), int(meta.get("out_dim", 1)), name)
         net.load_state_dict(load_file(str(path / VALUE_WEIGHTS)))
         return net.eval(), str(meta.get("pool", "mean"))
 
