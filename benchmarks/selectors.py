@@ -48,21 +48,28 @@ def _median_ms(fn, repeats: int) -> tuple[float, float]:
     return round(statistics.median(ts) * 1000, 2), round(ts[int(0.9 * (len(ts) - 1))] * 1000, 2)
 
 
-def measure_latency(policy: Any, selectors: list[str], samples: list[int], repeats: int, bf16: bool) -> list[dict]:
-    """Rows: selector, N, median and p90 ms per chunk, ratio to the plain N=1 chunk."""
+def measure_latency(policy: Any, selectors: list[str], samples: list[int], repeats: int, bf16: bool,
+                    fp32_base: float | None = None) -> list[dict]:
+    """Rows: selector, N, median and p90 ms per chunk, ratio to the plain N=1 chunk of the same precision
+    (``vs_N1``) and, for bf16 rows given ``fp32_base`` (the fp32 plain N=1 ms), to that (``vs_fp32_N1``).
+    bf16 = the policy's own inference mode (``config.inference_bf16``, what `--policy.inference_bf16=true` sets)."""
     raw = _raw_observation(policy)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+    saved = policy.config.inference_bf16
+    policy.config.inference_bf16 = bf16
     rows = []
-    with ctx:
+    try:
         base, base_p90 = _median_ms(lambda: policy.predict_action_chunk(raw), repeats)
+        ref = fp32_base if bf16 and fp32_base else base
         rows.append({"selector": "none (plain)", "N": 1, "bf16": bf16, "ms_median": base, "ms_p90": base_p90,
-                     "vs_N1": 1.0})
+                     "vs_N1": 1.0, "vs_fp32_N1": round(base / ref, 2)})
         for name in selectors:
             for n in samples:
                 med, p90 = _median_ms(lambda n=n, name=name: policy.predict_action_chunk(raw, num_samples=n, selector=name),
                                       repeats)
                 rows.append({"selector": name, "N": n, "bf16": bf16, "ms_median": med, "ms_p90": p90,
-                             "vs_N1": round(med / base, 2)})
+                             "vs_N1": round(med / base, 2), "vs_fp32_N1": round(med / ref, 2)})
+    finally:
+        policy.config.inference_bf16 = saved
     return rows
 
 
@@ -104,6 +111,8 @@ def targets(success: list[dict], latency: list[dict]) -> dict:
     for r in latency:
         if r["N"] == 16:
             lat[f"{r['selector']}{' bf16' if r['bf16'] else ''}"] = {"ratio": r["vs_N1"], "met": r["vs_N1"] <= 2.0}
+            if r["bf16"] and "vs_fp32_N1" in r:  # N=16 in bf16 against the fastest N=1 (fp32)
+                lat[f"{r['selector']} bf16 vs fp32 N=1"] = {"ratio": r["vs_fp32_N1"], "met": r["vs_fp32_N1"] <= 2.0}
     out["latency_N16_vs_N1"] = lat
     return out
 
@@ -116,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1, help="torch threads (evaluation workers use 1)")
-    p.add_argument("--bf16", action="store_true", help="also measure with bf16 autocast")
+    p.add_argument("--bf16", action="store_true",
+                   help="also measure the policy's bf16 inference mode (config.inference_bf16: autocast)")
     p.add_argument("--out", default="benchmarks/results/selectors.json")
     p.add_argument("--reuse-latency", action="store_true",
                    help="keep the latency rows (and their provenance) already in --out; only re-read the evals")
@@ -135,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         policy = VLAPolicy.from_pretrained(args.policy)
         latency = measure_latency(policy, args.selectors, args.samples, args.repeats, bf16=False)
         if args.bf16:
-            latency += measure_latency(policy, args.selectors, args.samples, args.repeats, bf16=True)
+            latency += measure_latency(policy, args.selectors, args.samples, args.repeats, bf16=True,
+                                       fp32_base=latency[0]["ms_median"])
         latency_run = {**provenance(started), "threads": args.threads, "repeats": args.repeats}
     print("latency per chunk (predict_action_chunk, batch 1):")
-    print_table(latency, ["selector", "N", "bf16", "ms_median", "ms_p90", "vs_N1"])
+    print_table(latency, ["selector", "N", "bf16", "ms_median", "ms_p90", "vs_N1", "vs_fp32_N1"])
     success = collect_evals([Path(f) for f in args.evals]) if args.evals else []
     if success:
         print("\nMetaWorld MT10 closed-loop success:")
@@ -147,12 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\ntargets:", json.dumps(summary))
     fit = Path(args.policy) / "selector" / "cfn_config.json"
     value_fit = Path(args.policy) / "selector" / "value" / "value_config.json"
+    dagger_fit = Path(args.policy) / "selector" / "dagger" / "value_config.json"
     out = write_json(Path(args.out), {
         "policy": args.policy, "threads": args.threads, "repeats": args.repeats, "latency": latency,
         "latency_run": latency_run,
         "success": success, "targets": summary,
         "cfn_fit": json.loads(fit.read_text()).get("fit") if fit.is_file() else None,
         "value_fit": json.loads(value_fit.read_text()).get("fit") if value_fit.is_file() else None,
+        "dagger_fit": json.loads(dagger_fit.read_text()).get("fit") if dagger_fit.is_file() else None,
         **provenance(started)})
     print(f"wrote {out}")
     return 0

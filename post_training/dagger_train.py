@@ -53,6 +53,8 @@ def fit_dagger(inputs: torch.Tensor, candidates: torch.Tensor, expert_chunk: tor
     from policies.selectors.dagger import predict_expert
     from policies.selectors.value import ChunkValueNet
 
+    if candidates.ndim != 4:
+        raise ValueError(f"fit_dagger: candidates must be (M, N, H, A), received shape {tuple(candidates.shape)}")
     m, _, h, a = candidates.shape
     if inputs.ndim != 2 or len(inputs) != m or tuple(expert_chunk.shape) != (m, h, a):
         raise ValueError(f"fit_dagger: expected inputs (M, D), candidates (M, N, H, A) and expert_chunk (M, H, A) with "

@@ -45,11 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-VALUE_KEYS = ("features", "candidates", "returns", "final_reward", "episode", "task")
+VALUE_KEYS = ("features", "candidates", "episode", "task")  # + the --target
 
 
-def load_data(files: Sequence[Path], keys: Sequence[str] = VALUE_KEYS, optional: Sequence[str] = ("expert",),
-              command: str = "value") -> dict[str, Any]:
+def load_data(files: Sequence[Path], keys: Sequence[str] = VALUE_KEYS,
+              optional: Sequence[str] = ("returns", "final_reward", "expert"), command: str = "value") -> dict[str, Any]:
     """Concatenate outcome files (episode ids kept distinct per file); ``keys`` must be in every file."""
     parts, offset, metas = {k: [] for k in keys}, 0, []
     for f in files:
@@ -64,11 +64,12 @@ def load_data(files: Sequence[Path], keys: Sequence[str] = VALUE_KEYS, optional:
             parts.setdefault(k, []).append(d.get(k))
         offset += int(d["episode"].max()) + 1
         metas.append(d.get("meta", {}))
+    for k, v in parts.items():
+        shapes = sorted({tuple(t.shape[1:]) for t in v if t is not None})
+        if len(shapes) > 1:
+            raise ValueError(f"--data: the files' {k!r} differ in shape ({shapes}); use files collected with the same "
+                             "policy and --samples")
     data: dict[str, Any] = {k: torch.cat(v) for k, v in parts.items() if all(t is not None for t in v)}
-    shapes = {tuple(t.shape[1:]) for t in parts["candidates"]}
-    if len(shapes) != 1 or len({tuple(t.shape[1:]) for t in parts["features"]}) != 1:
-        raise ValueError(f"--data: files differ in candidate or feature shapes ({sorted(shapes)}); "
-                         "use files collected with the same policy and --samples")
     data["meta"] = metas
     return data
 
@@ -186,7 +187,7 @@ def fit_and_save(args: argparse.Namespace) -> dict:
     for name in ("steps", "batch_size", "hidden", "depth"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected >= 1, received {getattr(args, name)}")
-    data = load_data(args.data)
+    data = load_data(args.data)  # --no-rollouts files have no returns: fine for --target expert
     if args.target not in data:
         raise ValueError(f"--target {args.target}: not in every --data file (collected before it existed?)")
     cands, returns = data["candidates"], data[args.target]

@@ -294,6 +294,38 @@ def _raw(policy) -> dict:
     return raw
 
 
+def test_inference_bf16_runs_the_model_in_bf16_and_returns_fp32_actions(checkpoint) -> None:
+    """`--policy.inference_bf16=true` (an execution override): the head's layers compute in bf16, the chunk that
+    reaches the robot is fp32, finite and close to the fp32 policy's for the same noise, with or without selection."""
+    from vla.policy import VLAPolicy
+
+    plain = VLAPolicy.from_pretrained(checkpoint[0])
+    fast = VLAPolicy.from_pretrained(checkpoint[0], overrides=["--inference_bf16=true"])
+    assert fast.config.inference_bf16 and not plain.config.inference_bf16
+    seen: dict[str, list] = {"plain": [], "fast": []}
+    for name, pol in (("plain", plain), ("fast", fast)):
+        lin = next(m for m in pol.head.modules() if isinstance(m, torch.nn.Linear))
+        lin.register_forward_hook(lambda m, i, o, name=name: seen[name].append(o.dtype))
+    raw = _raw(plain)
+    seed = lambda: torch.Generator().manual_seed(3)
+    a32, a16 = plain.predict_action_chunk(raw, generator=seed()), fast.predict_action_chunk(raw, generator=seed())
+    assert set(seen["plain"]) == {torch.float32} and set(seen["fast"]) == {torch.bfloat16}
+    assert a16.dtype == np.float32 and a16.shape == a32.shape and np.isfinite(a16).all()
+    assert np.abs(a16 - a32).max() < 0.1 * (np.abs(a32).max() + 1.0)
+
+    class _Probe(ChunkSelector):  # records whether scoring ran under autocast
+        name, autocast = "probe", []
+
+        def score(self, candidates, *, obs, prefix, features):
+            self.autocast.append(torch.is_autocast_enabled("cpu"))
+            return -candidates.float().abs().mean((-1, -2))
+
+    probe = _Probe()
+    chosen = fast.predict_action_chunk(raw, num_samples=4, generator=seed(), selector=probe)
+    assert chosen.shape == a32.shape and np.isfinite(chosen).all()
+    assert probe.autocast == [False]  # the selector scores in fp32 even inside the bf16 model call
+
+
 def test_post_train_cfn_saves_with_policy_and_selects(checkpoint, tmp_path: Path) -> None:
     """`vla post-train cfn` writes <policy>/selector/; from_pretrained finds it by name; N candidates
     cost one backbone pass (a forward hook on the image encoder and a counter on encode_prefix)."""
@@ -560,6 +592,27 @@ def test_dagger_predicts_the_expert_chunk_and_picks_the_closest_candidate() -> N
         fit_dagger(x, cands, expert * float("nan"), steps=1)
 
 
+def test_a_nan_candidate_never_poisons_the_choice() -> None:
+    """dagger averages over the candidates: one NaN candidate (index 0) must neither be chosen nor turn every
+    other score into NaN; a scorer that returns NaN everywhere falls back to the first finite candidate."""
+    g = torch.Generator().manual_seed(6)
+    cands, feats = torch.randn(B, N, H, A, generator=g), torch.randn(B, N, H, W, generator=g)
+    cands[:, 0, 1, 2] = float("nan")
+    feats[:, 0] = float("nan")
+    obs, prefix = _obs_prefix()
+    chunk, scores = _tiny_dagger().select(cands, obs=obs, prefix=prefix, features=feats)
+    assert torch.isfinite(chunk).all() and torch.isfinite(scores[:, 1:]).all() and (scores[:, 0] == -torch.inf).all()
+
+    class _AllNan(ChunkSelector):
+        name = "all_nan"
+
+        def score(self, candidates, *, obs, prefix, features):
+            return torch.full(candidates.shape[:2], float("nan"))
+
+    chunk, _ = _AllNan().select(cands)
+    assert torch.equal(chunk, cands[:, 1])  # the first finite candidate, not index 0
+
+
 def test_dagger_selector_reads_the_observation_save_load_and_errors(tmp_path: Path) -> None:
     sel = _tiny_dagger()
     g = torch.Generator().manual_seed(4)
@@ -585,6 +638,9 @@ def test_dagger_selector_reads_the_observation_save_load_and_errors(tmp_path: Pa
         sel.select(cands, obs=obs, prefix=prefix, features=torch.randn(B, N, H, W + 1))
     with pytest.raises(FileNotFoundError, match="vla post-train dagger"):
         make_selector("dagger", path=str(tmp_path / "nothing"))
+    _tiny_value().save_pretrained(tmp_path / "v")  # a value critic's folder is not a dagger predictor
+    with pytest.raises(ValueError, match="must output a chunk of 4 x 3 = 12 numbers, it outputs 1"):
+        make_selector("dagger", path=str(tmp_path / "v"))
 
 
 def test_post_train_dagger_saves_with_policy_and_selects(checkpoint, tmp_path: Path) -> None:

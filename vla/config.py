@@ -76,6 +76,10 @@ class PolicyConfig:
     image_size: int = 128  # images are resized to (image_size, image_size)
     max_prompt_len: int = 32  # prompt tokens (longer prompts are an error, not a truncation)
     normalization: NormalizationConfig = field(default_factory=NormalizationConfig)
+    # Inference under bf16 autocast (backbone and head; the flow integration state, the selectors' scores and
+    # the returned actions stay fp32). On CPUs with bf16 units (AMX) it makes N candidates cheaper relative
+    # to one; set at load time: `vla eval|serve --policy.inference_bf16=true`. Training ignores it (--bf16).
+    inference_bf16: bool = False
 
 
 @dataclass
@@ -280,7 +284,7 @@ def policy_overrides(extra: Sequence[str]) -> list[str]:
 
 # Fields of a trained policy's config that change how it acts but not what it learned: overriding them
 # at load time is what the overrides are for. Any other field is allowed (experiments) with a warning.
-EXECUTION_FIELDS = ("head.temperature", "head.top_k", "head.greedy", "head.num_steps", "head.max_resample",
+EXECUTION_FIELDS = ("inference_bf16", "head.temperature", "head.top_k", "head.greedy", "head.num_steps", "head.max_resample",
                     "head.resample_temperature", "head.constrain_length", "n_action_steps",
                     # training-time only: which weights get gradients / start from ImageNet / target noise
                     "backbone.freeze_vision", "backbone.freeze_language", "backbone.pretrained_vision",

@@ -95,23 +95,9 @@ class VLAPolicy(nn.Module):
         self.eval()
         try:
             obs = pre.observation(raw_obs, train=False).to(self.device)
-            kw = {} if inpaint is None else {
-                "guide": self._inpaint_guide(inpaint, inpaint_weights, obs.batch_size, max_guidance)}
-            if reference is None and reference_start:
-                raise ValueError(f"reference_start={reference_start}: only with a reference (the plan it positions)")
-            if selector is None:
-                if reference is not None:
-                    raise ValueError("reference: the previous plan is only used to choose among candidates; "
-                                     "pass a selector (e.g. selector='coherence')")
-                chunks = self.sample_actions(obs, num_samples=num_samples, generator=generator, **kw)  # (B, N, H, A)
-            else:  # lazy: vla core reaches policies only by name
-                from policies.selectors import sample_and_select
-
-                ref = None if reference is None else self._normalized_actions(reference, obs.batch_size, "reference")
-                chunk, scores = sample_and_select(self, obs, num_samples, selector, generator, reference=ref,
-                                                  reference_start=reference_start, **kw)
-                self.last_scores = scores.cpu().numpy()
-                chunks = chunk[:, None]
+            with self._inference_autocast():
+                chunks = self._chunks(obs, num_samples, generator, selector, inpaint, inpaint_weights, max_guidance,
+                                      reference, reference_start)
             out = pre.unnormalize_actions(chunks.float()).cpu().numpy()
         finally:
             self.train(was_training)
@@ -119,6 +105,37 @@ class VLAPolicy(nn.Module):
             out = out[:, 0]
         unbatched = np.ndim(raw_obs["observation.state"]) == 1
         return out[0] if unbatched else out
+
+    def _chunks(self, obs: Observation, num_samples: int, generator: torch.Generator | None, selector: Any,
+                inpaint: Any, inpaint_weights: Any, max_guidance: float, reference: Any,
+                reference_start: int) -> Tensor:
+        """predict_action_chunk's model part -> (B, N, H, A) normalized (N = 1 with a selector)."""
+        kw = {} if inpaint is None else {
+            "guide": self._inpaint_guide(inpaint, inpaint_weights, obs.batch_size, max_guidance)}
+        if reference is None and reference_start:
+            raise ValueError(f"reference_start={reference_start}: only with a reference (the plan it positions)")
+        if selector is None:
+            if reference is not None:
+                raise ValueError("reference: the previous plan is only used to choose among candidates; "
+                                 "pass a selector (e.g. selector='coherence')")
+            chunks = self.sample_actions(obs, num_samples=num_samples, generator=generator, **kw)  # (B, N, H, A)
+        else:  # lazy: vla core reaches policies only by name
+            from policies.selectors import sample_and_select
+
+            ref = None if reference is None else self._normalized_actions(reference, obs.batch_size, "reference")
+            chunk, scores = sample_and_select(self, obs, num_samples, selector, generator, reference=ref,
+                                              reference_start=reference_start, **kw)
+            self.last_scores = scores.float().cpu().numpy()
+            chunks = chunk[:, None]
+        return chunks
+
+    def _inference_autocast(self):
+        """bf16 autocast around the model at inference when ``config.inference_bf16`` (else a no-op)."""
+        from contextlib import nullcontext
+
+        if not getattr(self.config, "inference_bf16", False):
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     @torch.no_grad()
     def sample_candidates(self, raw_obs: Mapping[str, Any], num_samples: int,
@@ -138,20 +155,22 @@ class VLAPolicy(nn.Module):
         self.eval()
         try:
             obs = pre.observation(raw_obs, train=False).to(self.device)
-            prefix = self.encode(obs, self._dim_mask(obs.batch_size, obs.device))
-            cands, feats = self.head.sample(self.backbone, prefix, num_samples=num_samples, generator=generator,
-                                            return_features=True)
-            summary = observation_summary(prefix, obs)
+            with self._inference_autocast():
+                prefix = self.encode(obs, self._dim_mask(obs.batch_size, obs.device))
+                cands, feats = self.head.sample(self.backbone, prefix, num_samples=num_samples, generator=generator,
+                                                return_features=True)
+                summary = observation_summary(prefix, obs)
         finally:
             self.train(was_training)
-        return {"actions": pre.unnormalize_actions(cands.float()), "normalized": cands, "features": feats,
-                "summary": summary}
+        # fp32 out, also under inference_bf16 (callers turn these into numpy)
+        return {"actions": pre.unnormalize_actions(cands.float()), "normalized": cands.float(), "features": feats.float(),
+                "summary": summary.float()}
 
     def normalize_actions(self, actions: Any) -> Tensor:
         """Raw (H', A) or (B, H', A) actions, 1 <= H' <= chunk_size -> (B, H', max_action_dim) in the head's
         normalized, zero-padded units (e.g. a reference chunk compared with ``sample_candidates``' output)."""
         a = np.asarray(actions)
-        return self._normalized_actions(actions, 1 if a.ndim == 2 else int(a.shape[0]), "actions")
+        return self._normalized_actions(actions, int(a.shape[0]) if a.ndim == 3 else 1, "actions")
 
     def reset(self) -> None:
         """Called at episode start (stateless policy: nothing to clear; brokers keep the queues)."""

@@ -312,13 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--selector", "--selector.type", dest="selector", default=None,
-                   help="test-time chunk selector: first, consistency, coherence, cfn, world_model, value (docs/selectors.md)")
+                   help="test-time chunk selector: first, consistency, coherence, cfn, world_model, value, dagger (docs/selectors.md)")
     p.add_argument("--selector.path", dest="selector_path", default=None,
-                   help="selector assets (cfn, value: default the one saved with the policy; world_model: required)")
+                   help="selector assets (cfn, value, dagger: default the one saved with the policy; world_model: required)")
     p.add_argument("--num-samples", type=int, default=1, help="candidate chunks per re-plan (needs --selector)")
     p.add_argument("--no-progress", action="store_true")
     p.epilog = ("Any --policy.FIELD=VALUE overrides the checkpoint's config for this evaluation (execution "
-                "settings: --policy.head.temperature=0, --policy.head.greedy=expected, --policy.head.num_steps=5).")
+                "settings: --policy.head.temperature=0, --policy.head.greedy=expected, --policy.head.num_steps=5, "
+                "--policy.inference_bf16=true).")
     return p
 
 

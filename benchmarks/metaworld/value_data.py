@@ -15,7 +15,8 @@ raw actions clipped to [-1, 1]). The episode then goes on with the first candida
 Saved per state: the head's features pooled over the action tokens (N, W), the observation summary
 (C,), the normalized candidates (N, H, A), their returns, last-step rewards, expert scores and
 successes, and the task/episode (``vla post-train value|dagger`` hold out whole episodes).
-``--no-rollouts`` skips rolling the candidates (no returns; enough for ``expert`` and ``dagger``).
+``--no-rollouts`` skips rolling the candidates (no returns: enough for ``vla post-train dagger`` and
+``vla post-train value --target expert``).
 """
 from __future__ import annotations
 
@@ -52,18 +53,18 @@ def collect_job(job: dict[str, Any]) -> dict[str, Any]:
     while steps < job["max_steps"]:
         save = chunk_i % job["stride"] == 0
         out = policy.sample_candidates(obs, job["samples"] if save else 1, generator=g)
-        actions = out["actions"][0].numpy()  # (N, H, 4) raw
+        actions = out["actions"][0].cpu().numpy()  # (N, H, 4) raw
         if save:
             a = actions.shape[-1]
             # What the scripted expert (the demonstrations' source) would do from this very state: a
             # DAgger-style label that, unlike a few steps of dense reward, exists for every task and state.
             ref = np.clip(expert_chunk(env, expert, obs, actions.shape[1]), -1.0, 1.0)
             rec = {
-                "features": out["features"][0].float().mean(-2).numpy().astype(np.float32),  # (N, W)
-                "summary": out["summary"][0].float().numpy().astype(np.float32),  # (C,)
-                "candidates": out["normalized"][0, ..., :a].float().numpy().astype(np.float32),  # (N, H, A)
+                "features": out["features"][0].float().mean(-2).cpu().numpy().astype(np.float32),  # (N, W)
+                "summary": out["summary"][0].float().cpu().numpy().astype(np.float32),  # (C,)
+                "candidates": out["normalized"][0, ..., :a].float().cpu().numpy().astype(np.float32),  # (N, H, A)
                 "expert": expert_closeness(env, expert, obs, actions, ref),
-                "expert_chunk": policy.normalize_actions(ref)[0, :, :a].numpy().astype(np.float32),
+                "expert_chunk": policy.normalize_actions(ref)[0, :, :a].cpu().numpy().astype(np.float32),
                 "step": steps}
             if job.get("rollouts", True):
                 outs = chunk_outcomes(env, actions)

@@ -106,7 +106,10 @@ class ChunkSelector:
             elif reference is not None and reference_start:
                 raise ValueError(f"selector {self.name!r}: its score() takes no reference_start, so it cannot compare a "
                                  f"plan that starts at step {reference_start}; pass the plan from step 0")
-        scores = self.score(candidates, obs=obs, prefix=prefix, features=features, **kw).float()
+        # Scoring runs in fp32 even inside the policy's bf16 inference autocast: the scorers are tiny, and
+        # bf16-rounded scores would tie near-equal candidates (argmax then favours the lowest index).
+        with torch.autocast(candidates.device.type, enabled=False):
+            scores = self.score(candidates, obs=obs, prefix=prefix, features=features, **kw).float()
         b, n = candidates.shape[:2]
         if tuple(scores.shape) != (b, n):
             raise ValueError(f"selector {self.name!r}: score() returned shape {tuple(scores.shape)}, expected ({b}, {n})")
@@ -116,7 +119,11 @@ class ChunkSelector:
             raise FloatingPointError(f"selector {self.name!r}: every candidate chunk of batch items {bad} is non-finite")
         # NaN scores (a diverged scorer) rank last, like non-finite candidates.
         scores = torch.where(finite & ~torch.isnan(scores), scores, torch.full_like(scores, -torch.inf))
-        idx = scores.argmax(dim=1)
+        # A scorer that one non-finite candidate poisoned for the whole observation (NaN everywhere) must not
+        # fall back to index 0, which may be that candidate: take the first finite one instead.
+        lost = ~(scores > -torch.inf).any(1)
+        pick = torch.where(lost[:, None] & finite, torch.zeros_like(scores), scores)
+        idx = pick.argmax(dim=1)
         chunk = candidates[torch.arange(b, device=candidates.device), idx]
         return chunk, scores
 

@@ -44,21 +44,32 @@ def observation_summary(prefix: Prefix, obs: Observation) -> Tensor:
     return torch.cat([pooled, obs.state.float().to(pooled.device)], -1)
 
 
+def finite_mean(x: Tensor, candidates: Tensor) -> Tensor:
+    """(B, N, ...) -> (B, ...) mean over the candidates whose chunk (B, N, H, A) is finite: one NaN candidate
+    must not poison the inputs of all the others (``select`` then never picks it)."""
+    ok = torch.isfinite(candidates.float()).flatten(2).all(-1)  # (B, N)
+    w = ok.float().view(*ok.shape, *([1] * (x.dim() - 2)))
+    return torch.where(w > 0, x.float(), torch.zeros_like(x, dtype=torch.float32)).sum(1) / w.sum(1).clamp_min(1.0)
+
+
 def dagger_inputs(summary: Tensor, pooled: Tensor, candidates: Tensor, action_dim: int) -> Tensor:
     """summary (B, C), pooled head features (B, N, W), normalized candidates (B, N, H, A) -> (B, C + W + H A')."""
-    mean_chunk = candidates.float()[..., :action_dim].mean(1).flatten(1)
-    return torch.cat([summary.float(), pooled.float().mean(1), mean_chunk], -1)
+    mean_chunk = finite_mean(candidates[..., :action_dim], candidates).flatten(1)
+    return torch.cat([summary.float(), finite_mean(pooled, candidates), mean_chunk], -1)
 
 
 def predict_expert(net: ChunkValueNet, inputs: Tensor, candidates: Tensor) -> Tensor:
     """-> (B, H, A') predicted expert chunk (normalized): the candidates' mean chunk + the network's correction."""
     h, a = net.chunk_shape
-    base = candidates.float()[..., :a].mean(1)
-    return base + net(inputs).view(-1, h, a)
+    return finite_mean(candidates[..., :a], candidates) + net(inputs).view(-1, h, a)
 
 
 def expert_distance(candidates: Tensor, expert: Tensor) -> Tensor:
-    """candidates (B, N, H, A >= A'), expert (B, H, A') -> (B, N) mean squared distance over the real dims."""
+    """candidates (B, N, H, A >= A'), expert (B, H, A') -> (B, N) mean squared distance over the real dims.
+
+    In normalized units and unclipped: the expert chunk was clipped to the robot's limits before it was
+    normalized, a candidate is not, so a candidate beyond a limit pays for the overshoot the robot would
+    clip away (the simulator's ``expert`` closeness clips both)."""
     a = expert.shape[-1]
     return ((candidates.float()[..., :a] - expert.float()[:, None]) ** 2).mean((-1, -2))
 
@@ -72,6 +83,10 @@ class DaggerSelector(ChunkSelector):
     def __init__(self, net: ChunkValueNet, pool: str = "mean", path: str | None = None):
         if pool not in POOLS:
             raise ValueError(f"dagger pool: expected one of {POOLS}, received {pool!r}")
+        h, a = net.chunk_shape
+        if net.out_dim != h * a:
+            raise ValueError(f"selector 'dagger': the network must output a chunk of {h} x {a} = {h * a} numbers, it "
+                             f"outputs {net.out_dim} (a `value` critic's folder? fit one with `vla post-train dagger`)")
         self.net, self.pool, self.path = net.eval(), pool, path
 
     def score(self, candidates: Tensor, *, obs: Observation | None, prefix: Prefix | None,

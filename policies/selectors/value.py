@@ -93,8 +93,9 @@ class ChunkValueNet(nn.Module):
 
     def _check(self, x: Tensor) -> None:
         if x.shape[-1] != self.in_dim:
-            raise ValueError(f"selector {self.name!r}: inputs must have width {self.in_dim} (features and a chunk of shape "
-                             f"{self.chunk_shape}, as fitted), received shape {tuple(x.shape)}")
+            what = "the observation summary, " if self.name == "dagger" else ""
+            raise ValueError(f"selector {self.name!r}: inputs must have width {self.in_dim} ({what}features and a chunk of "
+                             f"shape {self.chunk_shape}, as fitted), received shape {tuple(x.shape)}")
 
     def forward(self, inputs: Tensor) -> Tensor:
         self._check(inputs)
