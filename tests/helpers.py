@@ -81,12 +81,15 @@ class RandomCandidatePolicy:
     def predict_action_chunk(self, raw_obs):
         return self.sample_candidates(raw_obs, 1)["actions"][0, 0].numpy()
 
-    def sample_candidates(self, raw_obs, num_samples, generator=None):
+    def sample_candidates(self, raw_obs, num_samples, generator=None, selector=None):
         import torch
 
         a = torch.rand(1, num_samples, 8, 4, generator=generator) * 2 - 1
-        return {"actions": a, "normalized": a, "features": torch.randn(1, num_samples, 8, 5, generator=generator),
-                "summary": torch.randn(1, 6, generator=generator)}
+        out = {"actions": a, "normalized": a, "features": torch.randn(1, num_samples, 8, 5, generator=generator),
+               "summary": torch.randn(1, 6, generator=generator)}
+        if selector is not None:  # any name: prefer the chunk with the largest first action (testable)
+            out["scores"] = a[..., 0, 0]
+        return out
 
     def normalize_actions(self, actions):
         import torch

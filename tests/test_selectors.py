@@ -665,6 +665,11 @@ def test_post_train_dagger_saves_with_policy_and_selects(checkpoint, tmp_path: P
     expert = torch.full_like(cands[:, 0], 0.3)  # the "expert" always plays 0.3
     assert policy.normalize_actions(recs[0]["actions"][0, 0]).shape == (1, policy.config.chunk_size,
                                                                         policy.config.max_action_dim)
+    # with a selector, sample_candidates also says which candidate a selecting policy would execute
+    picked = policy.sample_candidates(raw, 6, generator=torch.Generator().manual_seed(1), selector="consistency")
+    real = picked["normalized"][..., :a]  # the policy's medoid ignores padded action dims
+    assert torch.allclose(picked["scores"], make_selector("consistency").select(real)[1], atol=1e-5)
+    assert "scores" not in recs[0]
     data = {"features": torch.cat([r["features"].mean(-2) for r in recs]), "candidates": cands,
             "summary": torch.cat([r["summary"] for r in recs]), "expert": -(cands - expert[:, None]).pow(2).mean((-1, -2)),
             "episode": torch.arange(40) // 4, "task": torch.zeros(40, dtype=torch.long), "meta": {}}

@@ -139,12 +139,13 @@ class VLAPolicy(nn.Module):
 
     @torch.no_grad()
     def sample_candidates(self, raw_obs: Mapping[str, Any], num_samples: int,
-                          generator: torch.Generator | None = None) -> dict[str, Tensor]:
+                          generator: torch.Generator | None = None, selector: Any = None) -> dict[str, Tensor]:
         """N candidates from ONE backbone pass, with what a selector would see of them (an unbatched obs is B = 1).
 
         -> ``actions`` (B, N, H, A) in the dataset's units, ``normalized`` (B, N, H, A_max), the head's
         ``features`` (B, N, T, W) and the observation ``summary`` (B, C) the ``dagger`` selector reads. For
-        fitting selectors from outcomes (``benchmarks/metaworld/value_data.py``).
+        fitting selectors from outcomes (``benchmarks/metaworld/value_data.py``). With a ``selector`` (as in
+        ``predict_action_chunk``) also its ``scores`` (B, N): which candidate a selecting policy would execute.
         """
         from policies.selectors.dagger import observation_summary
 
@@ -160,11 +161,19 @@ class VLAPolicy(nn.Module):
                 cands, feats = self.head.sample(self.backbone, prefix, num_samples=num_samples, generator=generator,
                                                 return_features=True)
                 summary = observation_summary(prefix, obs)
+            scores = None
+            if selector is not None:
+                from policies.selectors import resolve_selector
+
+                scores = resolve_selector(selector, self).select(cands, obs=obs, prefix=prefix, features=feats)[1]
         finally:
             self.train(was_training)
         # fp32 out, also under inference_bf16 (callers turn these into numpy)
-        return {"actions": pre.unnormalize_actions(cands.float()), "normalized": cands.float(), "features": feats.float(),
-                "summary": summary.float()}
+        out = {"actions": pre.unnormalize_actions(cands.float()), "normalized": cands.float(), "features": feats.float(),
+               "summary": summary.float()}
+        if scores is not None:
+            out["scores"] = scores.float()
+        return out
 
     def normalize_actions(self, actions: Any) -> Tensor:
         """Raw (H', A) or (B, H', A) actions, 1 <= H' <= chunk_size -> (B, H', max_action_dim) in the head's

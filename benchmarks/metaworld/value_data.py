@@ -5,7 +5,8 @@
     vla post-train value --policy P --data outputs/value_data.pt          # -> P/selector/value/
 
 The policy plays TRAINING variations (the pools `vla eval metaworld` never uses) with one candidate, as
-it would without selection. Every ``--stride``-th re-plan the MuJoCo + MetaWorld state is saved, the
+it would without selection (``--selector S``: with S's choice among ``--samples`` candidates, DAgger's next
+round — the states the selecting policy itself visits). Every ``--stride``-th re-plan the MuJoCo + MetaWorld state is saved, the
 policy samples ``--samples`` candidates from one backbone pass (``VLAPolicy.sample_candidates``), and
 each candidate is rolled from the saved state (``chunk_outcome.py``, no rendering): the sum of
 MetaWorld's dense rewards over the chunk is that candidate's outcome. The scripted expert's own next
@@ -52,8 +53,10 @@ def collect_job(job: dict[str, Any]) -> dict[str, Any]:
     steps, chunk_i, success = 0, 0, False
     while steps < job["max_steps"]:
         save = chunk_i % job["stride"] == 0
-        out = policy.sample_candidates(obs, job["samples"] if save else 1, generator=g)
+        select = job.get("selector")  # DAgger's next round: the selecting policy's own states
+        out = policy.sample_candidates(obs, job["samples"] if save or select else 1, generator=g, selector=select)
         actions = out["actions"][0].cpu().numpy()  # (N, H, 4) raw
+        run = int(out["scores"][0].argmax()) if select else 0  # the candidate the episode goes on with
         if save:
             a = actions.shape[-1]
             # What the scripted expert (the demonstrations' source) would do from this very state: a
@@ -73,8 +76,8 @@ def collect_job(job: dict[str, Any]) -> dict[str, Any]:
                            success=np.array([o["success"] for o in outs]))
             records.append(rec)
         chunk_i += 1
-        # on with the first candidate: the states a 1-candidate policy visits
-        obs, success, n, done = play(env, actions[0][:n_exec])
+        # on with the first candidate (the states a 1-candidate policy visits), or the selector's choice
+        obs, success, n, done = play(env, actions[run][:n_exec])
         steps += n
         if done:
             break
@@ -121,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--no-rollouts", dest="rollouts", action="store_false",
                    help="do not roll the candidates (no returns): expert labels only, for `vla post-train dagger`")
+    p.add_argument("--selector", default=None,
+                   help="play the episodes with this selector's choice among --samples candidates instead of the first "
+                        "(DAgger's next round: label the states the selecting policy visits), e.g. dagger")
+    p.add_argument("--selector.path", dest="selector_path", default=None, help="its assets (default: saved with the policy)")
     p.add_argument("--out", type=Path, required=True, help="a .pt file")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -130,20 +137,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     tasks = resolve_tasks(args.tasks)
     cams = policy_cameras(args.policy)
+    selector = None if args.selector is None else (
+        {"type": args.selector, "path": args.selector_path} if args.selector_path else args.selector)
     jobs = []
     for task in tasks:
         for i, (_, _, var) in enumerate(variations(task, "train", args.episodes, args.seed)):
             seed = int(np.random.SeedSequence([args.seed, zlib.crc32(task.encode()), i, 17]).generate_state(1)[0])
             jobs.append(dict(task=task, episode=i, variation=var, cameras=cams, image_size=args.image_size,
                              samples=args.samples, stride=args.stride, max_steps=args.max_steps, episode_seed=seed,
-                             rollouts=args.rollouts))
+                             rollouts=args.rollouts, selector=selector))
     with contextlib.closing(run_jobs(collect_job, jobs, args.workers, "episodes", not args.no_progress,
                                      _set_policy_spec, (args.policy, "cpu"))) as it:
         results = list(it)
     data = stack_records(results, tasks)
     data["meta"] = {"policy": str(args.policy), "tasks": tasks, "episodes_per_task": args.episodes,
                     "samples": args.samples, "stride": args.stride, "seed": args.seed, "split": "train",
-                    "rollouts": args.rollouts,
+                    "rollouts": args.rollouts, "selector": selector,
                     "policy_success": float(np.mean([r["success"] for r in results])),
                     "provenance": provenance(started)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
