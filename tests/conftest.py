@@ -23,3 +23,11 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny trained policy checkpoint, (pretrained_model dir, run dir), for selector tests (test_rtc.py has its own)."""
+    from tests.helpers import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("sel"), 2, 10, "--log_every=1")

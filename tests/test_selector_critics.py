@@ -1,0 +1,305 @@
+"""The learned selectors (`value`, `dagger`) and their data: critics that rank a state's candidates, the expert-chunk
+predictor, `vla post-train value|dagger` with a real (tiny) policy, and `benchmarks.metaworld.value_data` /
+`oracle_selection` in the simulator. The registry-wide contract is in test_selectors.py."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from policies.selectors import ChunkSelector, load_selector, make_selector
+from policies.selectors.dagger import dagger_inputs
+from policies.selectors.value import listwise_loss, value_inputs
+from post_training.dagger_train import dagger_report, fit_dagger
+from post_training.value_train import fit_value, selection_report
+from tests.test_selectors import (
+    A,
+    B,
+    D,
+    H,
+    N,
+    S,
+    W,
+    _obs_prefix,
+    _raw,
+    _tiny_dagger,
+    _tiny_value,
+)
+
+
+def _ranking_states(m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """m states of N candidates: the return rewards moving toward a per-state goal that the observation
+    part of the features encodes, plus a per-state offset the critic must ignore."""
+    g = torch.Generator().manual_seed(seed)
+    goal = torch.randn(m, 1, 1, A, generator=g)
+    cands = goal + torch.randn(m, N, H, A, generator=g)
+    obs_feat = torch.cat([goal.flatten(1), torch.randn(m, W - A, generator=g)], 1)  # (m, W)
+    pooled = obs_feat[:, None] + 0.1 * torch.randn(m, N, W, generator=g)
+    returns = -(cands - goal).pow(2).sum((-1, -2)) + 10 * torch.randn(m, 1, generator=g)
+    return pooled, cands, returns
+
+
+def test_value_critic_learns_to_rank_candidates_within_a_state() -> None:
+    pooled, cands, returns = _ranking_states(600, 0)
+    net, report = fit_value(value_inputs(pooled, cands), returns, (H, A), hidden=64, steps=400, seed=0)
+    assert report["temperature"] > 0 and report["final_loss"] is not None
+    vp, vc, vr = _ranking_states(200, 1)  # unseen states
+    with torch.no_grad():
+        rep = selection_report(net(value_inputs(vp, vc)), vr, vc)
+    assert rep["spearman"] > 0.6, rep
+    assert rep["gain_value"] > rep["gain_first"] + 0.5 * (rep["gain_oracle"] - rep["gain_first"]), rep
+    # Listwise: a per-state constant added to the returns does not change the loss.
+    s, r = torch.randn(5, N), torch.randn(5, N)
+    assert torch.allclose(listwise_loss(s, r, 0.7), listwise_loss(s, r + torch.randn(5, 1), 0.7), atol=1e-6)
+    with pytest.raises(ValueError, match="N >= 2"):
+        fit_value(value_inputs(pooled[:, :1], cands[:, :1]), returns[:, :1], (H, A))
+    with pytest.raises(ValueError, match="NaN"):
+        fit_value(value_inputs(pooled, cands), returns * float("nan"), (H, A), steps=1)
+
+
+def test_value_selector_save_load_and_shape_errors(tmp_path: Path) -> None:
+    sel = _tiny_value()
+    g = torch.Generator().manual_seed(4)
+    cands, feats = torch.randn(B, N, H, A, generator=g), torch.randn(B, N, H, W, generator=g)
+    _, scores = sel.select(cands, features=feats)
+    sel.save_pretrained(tmp_path / "v")
+    again = load_selector(tmp_path / "v")
+    assert again.name == "value" and torch.allclose(again.select(cands, features=feats)[1], scores)
+    with pytest.raises(ValueError, match=r"fitted on chunks of 4 steps x 3 action dims"):
+        sel.select(torch.randn(B, N, H + 1, A), features=feats)
+    with pytest.raises(ValueError, match="inputs must have width"):
+        sel.select(cands, features=torch.randn(B, N, H, W + 1))
+    with pytest.raises(FileNotFoundError, match="vla post-train value"):
+        make_selector("value", path=str(tmp_path / "nothing"))
+
+
+def _assert_one_pass_selects_argmax(policy_dir: Path, raw: dict, selector: str) -> None:
+    """The selector saved with the policy is found by name, the backbone runs once for 8 candidates, and the
+    executed chunk is the best-scored of the candidates the same seed gives without selection."""
+    from vla.policy import VLAPolicy
+
+    policy = VLAPolicy.from_pretrained(policy_dir)
+    passes: list[int] = []
+    encode = policy.backbone.encode_prefix
+    policy.backbone.encode_prefix = lambda obs: (passes.append(1), encode(obs))[1]
+    seed = lambda: torch.Generator().manual_seed(5)
+    chosen = policy.predict_action_chunk(raw, num_samples=8, generator=seed(), selector=selector)
+    assert len(passes) == 1 and policy.last_scores.shape == (1, 8)
+    allc = policy.predict_action_chunk(raw, num_samples=8, generator=seed())
+    assert np.allclose(chosen, allc[int(policy.last_scores[0].argmax())], atol=1e-5)
+
+
+def test_post_train_value_saves_with_policy_and_selects(checkpoint, tmp_path: Path) -> None:
+    """Outcome data of the policy's own candidates -> `vla post-train value` -> <policy>/selector/value/;
+    --selector value then runs the backbone once for N candidates and executes the best-scored one."""
+    import json
+    import shutil
+
+    from post_training.value_train import main
+    from vla.policy import VLAPolicy
+
+    policy_dir = tmp_path / "policy"
+    shutil.copytree(checkpoint[0], policy_dir)
+    policy = VLAPolicy.from_pretrained(policy_dir)
+    with pytest.raises(FileNotFoundError, match="benchmarks.metaworld.value_data"):
+        policy.predict_action_chunk(_raw(policy), num_samples=2, selector="value")
+    raw = _raw(policy)
+    g = torch.Generator().manual_seed(0)
+    a = policy.preprocessor.action_dim
+    recs = [policy.sample_candidates(raw, 6, generator=g) for _ in range(40)]
+    cands = torch.cat([r["normalized"][..., :a] for r in recs])  # (40, 6, H, A)
+    assert recs[0]["actions"].shape == (1, 6, policy.config.chunk_size, a)
+    data = {"features": torch.cat([r["features"].mean(-2) for r in recs]), "candidates": cands,
+            "returns": torch.randn(40, 6), "final_reward": cands[..., 0, 0], "episode": torch.arange(40) // 4,
+            "task": torch.zeros(40, dtype=torch.long), "meta": {"policy": str(policy_dir)}}
+    torch.save(data, tmp_path / "old.pt")  # collected before the expert label existed
+    with pytest.raises(ValueError, match="--target expert: not in every --data file"):
+        main(["--policy", str(policy_dir), "--data", str(tmp_path / "old.pt"), "--steps", "1"])
+    data["expert"] = -(cands[..., 0].mean(-1) - 0.3).pow(2)  # the "expert" prefers a mean first dim of 0.3
+    torch.save(data, tmp_path / "d.pt")
+    assert main(["--policy", str(policy_dir), "--data", str(tmp_path / "d.pt"), "--steps", "200", "--hidden", "32"]) == 0
+    fit = json.loads((policy_dir / "selector" / "value" / "value_config.json").read_text())["fit"]
+    assert fit["target"] == "expert" and fit["heldout_episodes"] == 2 and fit["train"]["spearman"] > 0.5, fit
+    _assert_one_pass_selects_argmax(policy_dir, raw, "value")
+    with pytest.raises(ValueError, match="not an outcome file"):
+        torch.save({"features": data["features"]}, tmp_path / "bad.pt")
+        main(["--policy", str(policy_dir), "--data", str(tmp_path / "bad.pt")])
+
+
+def _dagger_states(m: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """m states whose expert chunk (a per-state goal) only the observation summary encodes; the N candidates
+    scatter around 0, so the medoid is no closer to the expert than a random candidate."""
+    g = torch.Generator().manual_seed(seed)
+    goal = torch.randn(m, 1, A, generator=g)
+    expert = goal.expand(m, H, A).contiguous()
+    summary = torch.cat([goal.flatten(1), torch.randn(m, D + S - A, generator=g)], 1)
+    cands = 1.5 * torch.randn(m, N, H, A, generator=g)
+    pooled = torch.randn(m, N, W, generator=g)
+    closeness = -(cands - expert[:, None]).pow(2).mean((-1, -2))
+    return dagger_inputs(summary, pooled, cands, A), cands, expert, closeness
+
+
+def test_dagger_predicts_the_expert_chunk_and_picks_the_closest_candidate() -> None:
+    x, cands, expert, close = _dagger_states(800, 0)
+    net, report = fit_dagger(x, cands, expert, hidden=64, steps=400, seed=0)
+    assert report["final_loss"] is not None and report["states"] == 800
+    rep = dagger_report(net, *_dagger_states(200, 1))  # unseen states
+    assert rep["mse_prediction"] < 0.5 * rep["mse_candidate_mean"], rep
+    assert rep["spearman"] > 0.6, rep
+    assert rep["gain_dagger"] > rep["gain_consistency"] + 0.5 * (rep["gain_oracle"] - rep["gain_consistency"]), rep
+    with pytest.raises(ValueError, match="one M"):
+        fit_dagger(x[:-1], cands, expert)
+    with pytest.raises(ValueError, match="NaN"):
+        fit_dagger(x, cands, expert * float("nan"), steps=1)
+
+
+def test_a_nan_candidate_never_poisons_the_choice() -> None:
+    """dagger averages over the candidates: one NaN candidate (index 0) must neither be chosen nor turn every
+    other score into NaN; a scorer that returns NaN everywhere falls back to the first finite candidate."""
+    g = torch.Generator().manual_seed(6)
+    cands, feats = torch.randn(B, N, H, A, generator=g), torch.randn(B, N, H, W, generator=g)
+    cands[:, 0, 1, 2] = float("nan")
+    feats[:, 0] = float("nan")
+    obs, prefix = _obs_prefix()
+    chunk, scores = _tiny_dagger().select(cands, obs=obs, prefix=prefix, features=feats)
+    assert torch.isfinite(chunk).all() and torch.isfinite(scores[:, 1:]).all() and (scores[:, 0] == -torch.inf).all()
+
+    class _AllNan(ChunkSelector):
+        name = "all_nan"
+
+        def score(self, candidates, *, obs, prefix, features):
+            return torch.full(candidates.shape[:2], float("nan"))
+
+    chunk, _ = _AllNan().select(cands)
+    assert torch.equal(chunk, cands[:, 1])  # the first finite candidate, not index 0
+
+
+def test_dagger_selector_reads_the_observation_save_load_and_errors(tmp_path: Path) -> None:
+    sel = _tiny_dagger()
+    g = torch.Generator().manual_seed(4)
+    cands, feats = torch.randn(B, N, H, A, generator=g), torch.randn(B, N, H, W, generator=g)
+    obs, prefix = _obs_prefix()
+    _, scores = sel.select(cands, obs=obs, prefix=prefix, features=feats)
+    # The score is minus the distance to one predicted chunk per observation: a candidate equal to the
+    # prediction would score 0, and moving the observation moves the prediction.
+    obs2, prefix2 = _obs_prefix(seed=9)
+    assert not torch.allclose(sel.select(cands, obs=obs2, prefix=prefix2, features=feats)[1], scores)
+    padded = prefix.hidden.clone()
+    padded[:, -1] += 100.0  # a padded prefix token must not change anything
+    same = SimpleNamespace(hidden=padded, mask=prefix.mask, extras={})
+    assert torch.allclose(sel.select(cands, obs=obs, prefix=same, features=feats)[1], scores)
+    sel.save_pretrained(tmp_path / "d")
+    again = load_selector(tmp_path / "d")
+    assert again.name == "dagger" and torch.allclose(again.select(cands, obs=obs, prefix=prefix, features=feats)[1], scores)
+    with pytest.raises(ValueError, match="pass obs= and prefix="):
+        sel.select(cands, features=feats)
+    with pytest.raises(ValueError, match=r"fitted on chunks of 4 steps x 3 action dims"):
+        sel.select(torch.randn(B, N, H + 1, A), obs=obs, prefix=prefix, features=torch.randn(B, N, H + 1, W))
+    with pytest.raises(ValueError, match="inputs must have width"):
+        sel.select(cands, obs=obs, prefix=prefix, features=torch.randn(B, N, H, W + 1))
+    with pytest.raises(FileNotFoundError, match="vla post-train dagger"):
+        make_selector("dagger", path=str(tmp_path / "nothing"))
+    _tiny_value().save_pretrained(tmp_path / "v")  # a value critic's folder is not a dagger predictor
+    with pytest.raises(ValueError, match="must output a chunk of 4 x 3 = 12 numbers, it outputs 1"):
+        make_selector("dagger", path=str(tmp_path / "v"))
+
+
+def test_post_train_dagger_saves_with_policy_and_selects(checkpoint, tmp_path: Path) -> None:
+    """Expert-labelled states of the policy's own candidates -> `vla post-train dagger` -> <policy>/selector/dagger/;
+    --selector dagger then runs the backbone once for N candidates and executes the best-scored one."""
+    import json
+    import shutil
+
+    from post_training.dagger_train import main
+    from vla.policy import VLAPolicy
+
+    policy_dir = tmp_path / "policy"
+    shutil.copytree(checkpoint[0], policy_dir)
+    policy = VLAPolicy.from_pretrained(policy_dir)
+    with pytest.raises(FileNotFoundError, match="vla post-train dagger"):
+        policy.predict_action_chunk(_raw(policy), num_samples=2, selector="dagger")
+    raw = _raw(policy)
+    g = torch.Generator().manual_seed(0)
+    a = policy.preprocessor.action_dim
+    recs = [policy.sample_candidates(raw, 6, generator=g) for _ in range(40)]
+    cands = torch.cat([r["normalized"][..., :a] for r in recs])  # (40, 6, H, A)
+    expert = torch.full_like(cands[:, 0], 0.3)  # the "expert" always plays 0.3
+    assert policy.normalize_actions(recs[0]["actions"][0, 0]).shape == (1, policy.config.chunk_size,
+                                                                        policy.config.max_action_dim)
+    # with a selector, sample_candidates also says which candidate a selecting policy would execute
+    picked = policy.sample_candidates(raw, 6, generator=torch.Generator().manual_seed(1), selector="consistency")
+    real = picked["normalized"][..., :a]  # the policy's medoid ignores padded action dims
+    assert torch.allclose(picked["scores"], make_selector("consistency").select(real)[1], atol=1e-5)
+    assert "scores" not in recs[0]
+    data = {"features": torch.cat([r["features"].mean(-2) for r in recs]), "candidates": cands,
+            "summary": torch.cat([r["summary"] for r in recs]), "expert": -(cands - expert[:, None]).pow(2).mean((-1, -2)),
+            "episode": torch.arange(40) // 4, "task": torch.zeros(40, dtype=torch.long), "meta": {}}
+    torch.save(data, tmp_path / "old.pt")  # collected before expert chunks were stored
+    with pytest.raises(ValueError, match=r"missing \['expert_chunk'\]"):
+        main(["--policy", str(policy_dir), "--data", str(tmp_path / "old.pt"), "--steps", "1"])
+    data["expert_chunk"] = expert
+    torch.save(data, tmp_path / "d.pt")
+    assert main(["--policy", str(policy_dir), "--data", str(tmp_path / "d.pt"), "--steps", "300", "--hidden", "32"]) == 0
+    fit = json.loads((policy_dir / "selector" / "dagger" / "value_config.json").read_text())["fit"]
+    assert fit["heldout_episodes"] == 2, fit
+    assert fit["heldout"]["mse_prediction"] < fit["heldout"]["mse_candidate_mean"], fit
+    _assert_one_pass_selects_argmax(policy_dir, raw, "dagger")
+
+
+@pytest.mark.sim
+@pytest.mark.timeout(240)
+def test_value_data_rolls_every_candidate_on_training_variations(tmp_path: Path) -> None:
+    pytest.importorskip("metaworld")
+    from benchmarks.metaworld import value_data
+    from benchmarks.metaworld.evaluate import _set_policy_spec
+    from benchmarks.metaworld.tasks import variations
+    from benchmarks.metaworld.workers import run_jobs
+    from tests.helpers import RandomCandidatePolicy
+
+    var = variations("reach-v3", "train", 1, 0)[0][2]
+    job = dict(task="reach-v3", episode=0, variation=var, cameras=("corner2",), image_size=32, samples=3, stride=2,
+               max_steps=20, episode_seed=1)
+    (res,) = list(run_jobs(value_data.collect_job, [job], 1, progress=False, initializer=_set_policy_spec,
+                           initargs=(RandomCandidatePolicy, "cpu")))
+    recs = res["records"]
+    assert [r["step"] for r in recs] == [0, 8, 16]  # every 2nd re-plan of 4 executed steps, until 20 steps
+    for r in recs:
+        assert r["features"].shape == (3, 5) and r["candidates"].shape == (3, 8, 4)
+        assert r["returns"].shape == (3,) and np.isfinite(r["returns"]).all()
+        assert len(set(r["returns"].tolist())) == 3  # three random chunks, three outcomes
+        assert r["expert"].shape == (3,) and (r["expert"] < 0).all()  # -MSE to the expert's chunk
+        assert r["summary"].shape == (6,) and r["expert_chunk"].shape == (8, 4)
+        # the stored expert chunk is the one the closeness was measured against (raw == normalized here)
+        assert np.allclose(r["expert"], -((np.clip(r["candidates"], -1, 1) - r["expert_chunk"]) ** 2).mean((-1, -2)),
+                           atol=1e-6)
+    data = value_data.stack_records([res], ["reach-v3"])
+    assert data["returns"].shape == data["expert"].shape == (3, 3) and data["episode"].tolist() == [0, 0, 0]
+    assert data["expert_chunk"].shape == (3, 8, 4) and data["summary"].shape == (3, 6)
+    # --no-rollouts: the same states and expert labels, no candidate outcomes
+    (res2,) = list(run_jobs(value_data.collect_job, [{**job, "rollouts": False}], 1, progress=False,
+                            initializer=_set_policy_spec, initargs=(RandomCandidatePolicy, "cpu")))
+    data2 = value_data.stack_records([res2], ["reach-v3"])
+    assert "returns" not in data2 and data2["expert_chunk"].shape == (3, 8, 4)
+
+
+@pytest.mark.sim
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("by", ["returns", "expert"])
+def test_oracle_selection_plays_the_evaluation_episodes(by: str) -> None:
+    """The simulator-picked upper bound runs vla eval's episode plan and executes one candidate per re-plan."""
+    pytest.importorskip("metaworld")
+    from benchmarks.metaworld.evaluate import _set_policy_spec, episode_plan
+    from benchmarks.metaworld.oracle_selection import oracle_episode
+    from benchmarks.metaworld.workers import run_jobs
+    from tests.helpers import RandomCandidatePolicy
+
+    (i, ps, _, var, seed), = episode_plan("reach-v3", 0, 3, 1)
+    assert i == 3 and ps % 2 == 1  # episode 3 of seed 0, a held-out (odd) variation pool
+    job = dict(task="reach-v3", episode=i, variation=var, episode_seed=seed, cameras=("corner2",), image_size=32,
+               max_steps=12, samples=3, by=by)
+    (res,) = list(run_jobs(oracle_episode, [job], 1, progress=False, initializer=_set_policy_spec,
+                           initargs=(RandomCandidatePolicy, "cpu")))
+    assert res["chunks"] == 3 and res["length"] == 12 and 0 <= res["picked_first"] <= 3
