@@ -145,3 +145,32 @@ def pool_evals(results: list[dict[str, Any]]) -> dict[str, Any]:
         "command": results[0].get("command") if one else [r.get("command") for r in results],
         "commit": results[0].get("commit") if one else [r.get("commit") for r in results],
     }
+
+
+def episode_outcomes(results: list[dict[str, Any]]) -> dict[tuple, bool]:
+    """``vla eval metaworld`` results.json dicts of one arm -> {(task, variation, episode seed): success}: the key
+    that names the same episode in every arm run with the same seed and episode range."""
+    out: dict[tuple, bool] = {}
+    for r in results:
+        for task, t in r["tasks"].items():
+            if "successful" not in t:
+                raise ValueError(f"episode_outcomes: task {task!r} has no per-episode 'successful' list "
+                                 "(results.json written before it existed?)")
+            for ok, var, seed in zip(t["successful"], t["variations"], t["seeds"], strict=True):
+                out[(task, tuple(var), int(seed))] = bool(ok)
+    return out
+
+
+def paired_comparison(base: dict[tuple, bool], arm: dict[tuple, bool]) -> dict[str, Any]:
+    """Two arms paired by episode (``episode_outcomes``): episodes the arm solved and the baseline failed
+    (``gained``), the reverse (``lost``), and the exact two-sided McNemar p (a binomial test of the discordant
+    pairs at 1/2) — on paired episodes a far sharper test than comparing the two success rates' intervals."""
+    from math import comb
+
+    if set(base) != set(arm):
+        raise ValueError(f"paired_comparison: the arms ran different episodes ({len(set(base) ^ set(arm))} not in both)")
+    gained = sum(arm[k] and not base[k] for k in base)
+    lost = sum(base[k] and not arm[k] for k in base)
+    n = gained + lost
+    p = min(1.0, 2 * sum(comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n) if n else 1.0
+    return {"episodes": len(base), "gained": gained, "lost": lost, "mcnemar_p": round(p, 4)}

@@ -7,13 +7,20 @@ from pathlib import Path
 import pytest
 
 
-def _fake_eval(folder: Path, selector: str | None, n: int, seed: int, eps: int, rates: dict) -> Path:
+def _fake_eval(folder: Path, selector: str | None, n: int, seed: int, eps: int, rates: dict,
+               overrides: list[str] | None = None, solved: dict | None = None) -> Path:
+    """A results.json as `vla eval metaworld` writes it. Per task, the first round(rate * eps) episodes
+    succeed unless ``solved`` names the episode indices that do."""
     folder.mkdir(parents=True)
-    tasks = {t: {"success_rate": r, "policy_s": 1.0, "chunks": 10} for t, r in rates.items()}
+    tasks = {}
+    for t, r in rates.items():
+        ok = [i in solved[t] for i in range(eps)] if solved else [i < round(r * eps) for i in range(eps)]
+        tasks[t] = {"success_rate": r, "policy_s": 1.0, "chunks": 10, "successful": ok,
+                    "variations": [[1, i] for i in range(eps)], "seeds": [1000 * seed + i for i in range(eps)]}
     (folder / "results.json").write_text(json.dumps({
         "tasks": tasks, "mean_success": sum(rates.values()) / len(rates), "ci95": [0, 1], "episodes_per_task": eps,
         "seed": seed, "num_samples": n, "selector": selector and {"type": selector}, "wall_time_s": 5.0,
-        "policy": "ckpt"}))
+        "policy": "ckpt", "policy_overrides": overrides or []}))
     return folder
 
 
@@ -60,3 +67,66 @@ def test_heads_benchmark_pools_comma_separated_results(tmp_path: Path) -> None:
     assert row["head"] == "parallel" and row["success"] == round(100 * 41 / 60, 1) and row["runs"] == [(0, 0, 10), (1, 0, 20)]
     with pytest.raises(SystemExit, match="expected NAME=PATH"):
         success_rows(["parallel"])
+
+
+def test_selector_latency_rows_interleave_arms_and_steps(checkpoint) -> None:
+    """Every (selector, N, Euler steps) arm gets a row; ratios are against the saved setting's plain N=1 and
+    against the plain N=1 at the row's own steps; the targets name the reduced-steps arms."""
+    from benchmarks.selectors import measure_latency, targets
+    from vla.policy import VLAPolicy
+
+    path = checkpoint[0]
+    saved = VLAPolicy.from_pretrained(path)
+    steps = saved.config.head.num_steps
+    policies = {steps: saved, 1: VLAPolicy.from_pretrained(path, overrides=["--head.num_steps=1"])}
+    rows = measure_latency(policies, ["first"], [1, 16], repeats=2, bf16=False)
+    got = {(r["selector"], r["N"], r["num_steps"]): r for r in rows}
+    assert set(got) == {(s, n, k) for k in (steps, 1) for s, n in
+                        [("none (plain)", 1), ("first", 1), ("first", 16)]}
+    base = got["none (plain)", 1, steps]
+    assert base["vs_N1"] == 1.0 and base["vs_N1_same_steps"] == 1.0
+    one = got["first", 16, 1]
+    assert one["vs_N1"] == round(one["ms_median"] / base["ms_median"], 2)
+    assert one["vs_N1_same_steps"] == round(one["ms_median"] / got["none (plain)", 1, 1]["ms_median"], 2)
+    lat = targets([], rows)["latency_N16_vs_N1"]
+    assert set(lat) == {"first", "first 1 steps", "first 1 steps vs N=1 at 1 steps"}
+
+
+def test_selector_targets_take_the_saved_policy_as_baseline() -> None:
+    """With an N=1 arm at overridden settings beside the saved one, the gain is measured from the saved one."""
+    from benchmarks.selectors import targets
+
+    def arm(n, overrides, successes):
+        return {"selector": "none" if n == 1 else "dagger", "N": n, "overrides": overrides,
+                "success": 100 * successes / 300, "successes": successes, "episodes": 300}
+
+    out = targets([arm(1, "--head.num_steps=5", 150), arm(1, "", 200), arm(16, "--head.num_steps=5", 221)], [])
+    assert out["success"]["baseline_N1"] == 100 * 200 / 300 and out["success"]["baseline_overrides"] == ""
+    assert out["success"]["gain_points"] == 7.0 and out["success"]["met"]
+    assert out["success"]["best_N16_overrides"] == "--head.num_steps=5"
+
+
+def test_selector_benchmark_pairs_every_arm_with_the_saved_policy(tmp_path: Path) -> None:
+    """Each arm is paired by episode (task, variation, seed) with the N=1 arm without overrides: episodes gained
+    and lost, and the exact McNemar p; results.json files without per-episode outcomes pool but do not pair."""
+    from benchmarks.common import episode_outcomes, paired_comparison
+    from benchmarks.selectors import collect_evals, targets
+
+    base = _fake_eval(tmp_path / "n1", None, 1, 0, 50, {"reach": 0.4}, solved={"reach": set(range(20))})
+    five = _fake_eval(tmp_path / "n1_5", None, 1, 0, 50, {"reach": 0.4}, ["--head.num_steps=5"],
+                      solved={"reach": set(range(20))})
+    # 30 solved: 18 of the baseline's 20 (2 lost) and 12 the baseline failed (gained)
+    arm = _fake_eval(tmp_path / "d16", "dagger", 16, 0, 50, {"reach": 0.6}, ["--head.num_steps=5"],
+                     solved={"reach": set(range(2, 32))})
+    rows = {(r["selector"], r["overrides"]): r for r in collect_evals([arm, five, base])}
+    d = rows["dagger", "--head.num_steps=5"]
+    assert (d["vs_base_gained"], d["vs_base_lost"]) == (12, 2)
+    assert d["vs_base_mcnemar_p"] == round(2 * (1 + 14 + 91) / 2 ** 14, 4)  # P(X <= 2), X ~ Bin(14, 1/2), two-sided
+    assert rows["none", ""]["vs_base_gained"] == 0 and rows["none", "--head.num_steps=5"]["vs_base_mcnemar_p"] == 1.0
+    assert targets(list(rows.values()), [])["success"]["vs_base_gained"] == 12
+    with pytest.raises(ValueError, match="different episodes"):
+        paired_comparison(episode_outcomes([json.loads((base / "results.json").read_text())]), {})
+    old = json.loads((base / "results.json").read_text())
+    del old["tasks"]["reach"]["successful"]
+    (base / "results.json").write_text(json.dumps(old))
+    assert "vs_base_gained" not in collect_evals([arm, base])[0]

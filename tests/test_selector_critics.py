@@ -207,9 +207,10 @@ def test_dagger_selector_reads_the_observation_save_load_and_errors(tmp_path: Pa
         make_selector("dagger", path=str(tmp_path / "v"))
 
 
-def test_post_train_dagger_saves_with_policy_and_selects(checkpoint, tmp_path: Path) -> None:
+def test_post_train_dagger_saves_with_policy_and_selects(checkpoint, tmp_path: Path, caplog) -> None:
     """Expert-labelled states of the policy's own candidates -> `vla post-train dagger` -> <policy>/selector/dagger/;
-    --selector dagger then runs the backbone once for N candidates and executes the best-scored one."""
+    --selector dagger then runs the backbone once for N candidates and executes the best-scored one. Used with
+    other Euler steps than its data's candidates, it warns."""
     import json
     import shutil
 
@@ -236,7 +237,8 @@ def test_post_train_dagger_saves_with_policy_and_selects(checkpoint, tmp_path: P
     assert "scores" not in recs[0]
     data = {"features": torch.cat([r["features"].mean(-2) for r in recs]), "candidates": cands,
             "summary": torch.cat([r["summary"] for r in recs]), "expert": -(cands - expert[:, None]).pow(2).mean((-1, -2)),
-            "episode": torch.arange(40) // 4, "task": torch.zeros(40, dtype=torch.long), "meta": {}}
+            "episode": torch.arange(40) // 4, "task": torch.zeros(40, dtype=torch.long),
+            "meta": {"num_steps": policy.config.head.num_steps}}
     torch.save(data, tmp_path / "old.pt")  # collected before expert chunks were stored
     with pytest.raises(ValueError, match=r"missing \['expert_chunk'\]"):
         main(["--policy", str(policy_dir), "--data", str(tmp_path / "old.pt"), "--steps", "1"])
@@ -246,7 +248,14 @@ def test_post_train_dagger_saves_with_policy_and_selects(checkpoint, tmp_path: P
     fit = json.loads((policy_dir / "selector" / "dagger" / "value_config.json").read_text())["fit"]
     assert fit["heldout_episodes"] == 2, fit
     assert fit["heldout"]["mse_prediction"] < fit["heldout"]["mse_candidate_mean"], fit
-    _assert_one_pass_selects_argmax(policy_dir, raw, "dagger")
+    with caplog.at_level("WARNING", logger="policies.selectors.value"):
+        _assert_one_pass_selects_argmax(policy_dir, raw, "dagger")
+        assert "Euler steps" not in caplog.text
+        steps = policy.config.head.num_steps
+        other = VLAPolicy.from_pretrained(policy_dir, overrides=[f"--head.num_steps={steps + 1}"])
+        other.predict_action_chunk(raw, num_samples=2, selector="dagger")
+    assert "selector 'dagger'" in caplog.text and f"sampled with {steps} Euler steps" in caplog.text
+    assert f"head.num_steps={steps + 1}" in caplog.text
 
 
 @pytest.mark.sim
@@ -283,6 +292,35 @@ def test_value_data_rolls_every_candidate_on_training_variations(tmp_path: Path)
                             initializer=_set_policy_spec, initargs=(RandomCandidatePolicy, "cpu")))
     data2 = value_data.stack_records([res2], ["reach-v3"])
     assert "returns" not in data2 and data2["expert_chunk"].shape == (3, 8, 4)
+
+
+def test_value_data_checks_policy_overrides_before_collecting(checkpoint, tmp_path: Path, capsys, monkeypatch) -> None:
+    """`--policy.FIELD=VALUE` (e.g. the Euler steps the selector will see) is checked against the checkpoint's
+    config up front, naming the field; other unknown arguments are refused like `vla eval` refuses them."""
+    from benchmarks.metaworld import value_data
+
+    base = ["--policy", str(checkpoint[0]), "--out", str(tmp_path / "d.pt")]
+    with pytest.raises(SystemExit):
+        value_data.main([*base, "--policy.head.nope=1"])
+    assert "has no field 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        value_data.main([*base, "--bogus=1"])
+    assert "unrecognized arguments: --bogus=1" in capsys.readouterr().err
+    assert not (tmp_path / "d.pt").exists()
+    # a valid override reaches every worker's policy and is recorded with the sampling steps it implies
+    seen = {}
+
+    def fake_run_jobs(fn, jobs, workers, desc, progress, initializer, initargs):
+        seen["initargs"] = initargs
+        yield {"success": True}
+
+    monkeypatch.setattr("benchmarks.metaworld.workers.run_jobs", fake_run_jobs)
+    monkeypatch.setattr(value_data, "stack_records", lambda results, tasks: {"expert": torch.zeros(1, 2)})
+    assert value_data.main([*base, "--tasks", "reach-v3", "--episodes", "1", "--no-progress",
+                            "--policy.head.num_steps=7"]) == 0
+    assert seen["initargs"][3] == ["--head.num_steps=7"]
+    meta = torch.load(tmp_path / "d.pt")["meta"]
+    assert meta["num_steps"] == 7 and meta["policy_overrides"] == ["--head.num_steps=7"]
 
 
 @pytest.mark.sim

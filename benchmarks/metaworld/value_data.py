@@ -17,7 +17,9 @@ Saved per state: the head's features pooled over the action tokens (N, W), the o
 (C,), the normalized candidates (N, H, A), their returns, last-step rewards, expert scores and
 successes, and the task/episode (``vla post-train value|dagger`` hold out whole episodes).
 ``--no-rollouts`` skips rolling the candidates (no returns: enough for ``vla post-train dagger`` and
-``vla post-train value --target expert``).
+``vla post-train value --target expert``). ``--policy.FIELD=VALUE`` overrides the checkpoint's execution
+settings as in `vla eval` (e.g. ``--policy.head.num_steps=5``: a selector fitted on candidates sampled
+the way they will be sampled when it selects).
 """
 from __future__ import annotations
 
@@ -111,8 +113,12 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.metaworld.evaluate import _set_policy_spec, policy_cameras
     from benchmarks.metaworld.tasks import resolve_tasks, variations
     from benchmarks.metaworld.workers import run_jobs
+    from vla.config import policy_overrides
+    from vla.policy import load_policy_config
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Any --policy.FIELD=VALUE overrides the checkpoint's execution settings, as in "
+                                       "`vla eval` (e.g. --policy.head.num_steps=5).")
     p.add_argument("--policy", required=True, help="policy checkpoint (pretrained_model/)")
     p.add_argument("--tasks", default="mt10")
     p.add_argument("--episodes", type=int, default=10, help="training variations per task")
@@ -130,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--selector.path", dest="selector_path", default=None, help="its assets (default: saved with the policy)")
     p.add_argument("--out", type=Path, required=True, help="a .pt file")
     p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    try:
+        overrides = policy_overrides(extra)
+        # fail here, not in every worker (a LoRA adapter folder has no config.json of its own to override)
+        config = load_policy_config(args.policy, overrides) if overrides or (Path(args.policy) / "config.json").is_file() \
+            else None
+    except (ValueError, FileNotFoundError) as e:
+        p.error(str(e))
     for name in ("episodes", "samples", "stride", "workers", "max_steps"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')}: expected >= 1, received {getattr(args, name)}")
@@ -147,12 +160,14 @@ def main(argv: list[str] | None = None) -> int:
                              samples=args.samples, stride=args.stride, max_steps=args.max_steps, episode_seed=seed,
                              rollouts=args.rollouts, selector=selector))
     with contextlib.closing(run_jobs(collect_job, jobs, args.workers, "episodes", not args.no_progress,
-                                     _set_policy_spec, (args.policy, "cpu"))) as it:
+                                     _set_policy_spec, (args.policy, "cpu", None, overrides))) as it:
         results = list(it)
     data = stack_records(results, tasks)
     data["meta"] = {"policy": str(args.policy), "tasks": tasks, "episodes_per_task": args.episodes,
                     "samples": args.samples, "stride": args.stride, "seed": args.seed, "split": "train",
-                    "rollouts": args.rollouts, "selector": selector,
+                    "rollouts": args.rollouts, "selector": selector, "policy_overrides": overrides,
+                    # how the candidates were sampled: a selector fitted on them warns when used otherwise
+                    "num_steps": getattr(getattr(config, "head", None), "num_steps", None),
                     "policy_success": float(np.mean([r["success"] for r in results])),
                     "provenance": provenance(started)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ MLP call.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ from torch import Tensor, nn
 from policies.selectors.base import SELECTOR_DIR, ChunkSelector, SelectorConfig
 from policies.selectors.cfn import POOLS, _mlp, pool_features
 from vla.types import Observation, Prefix
+
+logger = logging.getLogger(__name__)
 
 VALUE_WEIGHTS = "value.safetensors"
 VALUE_CONFIG = "value_config.json"
@@ -182,4 +185,22 @@ class ValueConfig(SelectorConfig):
                                         "benchmarks.metaworld.value_data`, fit with `vla post-train value --policy "
                                         f"{Path(sel_dir).parent} --data FILE`, or pass --selector.path=DIR")
         net, pool = ChunkValueNet.load(folder)
+        check_sampling_steps(folder, policy, "value")
         return ValueSelector(net, pool, str(folder))
+
+
+def check_sampling_steps(folder: Path, policy: Any, name: str) -> None:
+    """Warn when the policy samples its candidates with other Euler steps than the fit data's
+    (``meta.num_steps`` of the ``value_data`` files, kept in the fit report). The network reads the
+    candidates' pooled features and mean chunk, and both shift with the number of integration steps, so
+    a predictor belongs to one sampling setting as it belongs to one checkpoint."""
+    now = getattr(getattr(getattr(policy, "config", None), "head", None), "num_steps", None)
+    try:
+        collected = json.loads((folder / VALUE_CONFIG).read_text()).get("fit", {}).get("collected") or []
+    except (OSError, ValueError):
+        return
+    fitted = sorted({m["num_steps"] for m in collected if isinstance(m, dict) and m.get("num_steps") is not None})
+    if now is not None and fitted and now not in fitted:
+        logger.warning("selector '%s' (%s): fitted on candidates sampled with %s Euler steps, the policy now samples "
+                       "with head.num_steps=%s; collect data with --policy.head.num_steps=%s and refit for this setting",
+                       name, folder, "/".join(map(str, fitted)), now, now)
