@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="states per step")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--mixtures", type=int, default=0,
+                   help="0: predict one expert chunk (squared error; the score is minus the distance to it); K >= 1: a "
+                        "K-component Gaussian mixture over the expert chunk (negative log-likelihood; the score is the "
+                        "candidate's log density), for experts whose next chunk is multi-modal from what the network sees")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of the episodes")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -46,11 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def fit_dagger(inputs: torch.Tensor, candidates: torch.Tensor, expert_chunk: torch.Tensor, *, hidden: int = 512,
                depth: int = 2, dropout: float = 0.1, steps: int = 4000, batch_size: int = 256, lr: float = 1e-3,
-               weight_decay: float = 1e-4, seed: int = 0, log_every: int = 0):
+               weight_decay: float = 1e-4, seed: int = 0, log_every: int = 0, mixtures: int = 0):
     """inputs (M, D) (``dagger_inputs``), candidates (M, N, H, A'), expert_chunk (M, H, A') -> (network, report).
 
-    The network predicts ``expert_chunk - candidates.mean(1)`` (``predict_expert`` adds the mean back)."""
-    from policies.selectors.dagger import predict_expert
+    The network predicts ``expert_chunk - candidates.mean(1)`` (``predict_expert`` adds the mean back); with
+    ``mixtures`` K >= 1, K such corrections with per-number log stds and weights, fitted by the expert chunk's
+    negative log-likelihood (``mixture_log_prob``, per number)."""
+    from policies.selectors.dagger import expert_mixture, mixture_log_prob, predict_expert
     from policies.selectors.value import ChunkValueNet
 
     if candidates.ndim != 4:
@@ -61,16 +67,30 @@ def fit_dagger(inputs: torch.Tensor, candidates: torch.Tensor, expert_chunk: tor
                          f"one M, received {tuple(inputs.shape)}, {tuple(candidates.shape)}, {tuple(expert_chunk.shape)}")
     if not all(bool(torch.isfinite(t).all()) for t in (inputs, candidates, expert_chunk)):
         raise ValueError("fit_dagger: inputs, candidates or expert chunks contain NaN/inf")
+    if not isinstance(mixtures, int) or mixtures < 0:
+        raise ValueError(f"fit_dagger: mixtures must be an int >= 0 (0 = one predicted chunk), received {mixtures!r}")
     torch.manual_seed(seed)
     x, c, e = inputs.float(), candidates.float(), expert_chunk.float()
-    net = ChunkValueNet(x.shape[-1], (h, a), hidden, depth, dropout, out_dim=h * a, name="dagger")
+    out_dim = h * a if mixtures == 0 else mixtures * (1 + 2 * h * a)
+    net = ChunkValueNet(x.shape[-1], (h, a), hidden, depth, dropout, out_dim=out_dim, name="dagger")
     net.calibrate(x)
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        if mixtures:
+            log_w, mean, log_std = expert_mixture(net, x[idx], c[idx])
+            nll = -mixture_log_prob(e[idx, None], log_w, mean, log_std).mean()
+            # The likelihood alone lets every component sit on the average of the modes with a wide std (each mean's
+            # gradient from the two modes cancels): the closest component's squared error ("winner takes all",
+            # multiple-choice learning) pulls each component onto the targets it is nearest to.
+            wta = ((mean - e[idx, None]) ** 2).mean((-1, -2)).min(1).values.mean()
+            return nll + wta
+        return ((predict_expert(net, x[idx], c[idx]) - e[idx]) ** 2).mean()
+
     t0 = time.time()
-    losses = train_loop(net, lambda idx: ((predict_expert(net, x[idx], c[idx]) - e[idx]) ** 2).mean(), m, steps=steps,
-                        batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed, log_every=log_every,
-                        label="dagger")
+    losses = train_loop(net, batch_loss, m, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                        seed=seed, log_every=log_every, label="dagger")
     tail = losses[-50:]
-    report = {"states": m, "steps": steps, "lr": lr, "seed": seed,
+    report = {"states": m, "steps": steps, "lr": lr, "seed": seed, "mixtures": mixtures,
               "final_loss": round(sum(tail) / len(tail), 5) if tail else None, "fit_s": round(time.time() - t0, 2)}
     return net, report
 
@@ -79,15 +99,35 @@ def dagger_report(net, inputs: torch.Tensor, candidates: torch.Tensor, expert_ch
                   closeness: torch.Tensor) -> dict[str, float]:
     """Prediction error next to the candidates' mean chunk, and the selection it implies (``selection_report``
     on ``closeness`` (M, N), the simulator's own closeness of each candidate to the expert)."""
-    from policies.selectors.dagger import expert_distance, predict_expert
+    from policies.selectors.dagger import (
+        dagger_scores,
+        expert_mixture,
+        mixture_components,
+        mixture_log_prob,
+        predict_expert,
+    )
 
     with torch.no_grad():
         pred = predict_expert(net, inputs, candidates)
-        scores = -expert_distance(candidates, pred)
+        scores = dagger_scores(net, inputs, candidates)
+        mixture = {}
+        if mixture_components(net.out_dim, net.chunk_shape):  # the likelihood, and the other way to score with it
+            nll = -mixture_log_prob(expert_chunk[:, None], *expert_mixture(net, inputs, candidates)).mean()
+            lik = selection_report(dagger_scores(net, inputs, candidates, "likelihood"), closeness, candidates,
+                                   name="dagger")
+            mixture = {"nll": round(float(nll), 5), "likelihood_spearman": lik["spearman"],
+                       "likelihood_gain_dagger": lik["gain_dagger"]}
     mean_chunk = candidates.float().mean(1)
     return {"mse_prediction": round(float(((pred - expert_chunk) ** 2).mean()), 5),
-            "mse_candidate_mean": round(float(((mean_chunk - expert_chunk) ** 2).mean()), 5),
+            "mse_candidate_mean": round(float(((mean_chunk - expert_chunk) ** 2).mean()), 5), **mixture,
             **selection_report(scores, closeness, candidates, name="dagger")}
+
+
+def task_names(metas: list[dict], n: int) -> list[str]:
+    """Names of the ``task`` ids of data files collected on the same tasks (their ``meta.tasks``), else the ids."""
+    lists = {tuple(m.get("tasks") or ()) for m in metas}
+    names = list(lists.pop()) if len(lists) == 1 else []
+    return names if len(names) >= n else [str(i) for i in range(n)]
 
 
 def fit_and_save(args: argparse.Namespace) -> dict:
@@ -103,11 +143,17 @@ def fit_and_save(args: argparse.Namespace) -> dict:
     val, n_val = split_episodes(data["episode"], args.val_fraction, args.seed)
     net, report = fit_dagger(inputs[~val], cands[~val], expert[~val], hidden=args.hidden, depth=args.depth,
                              dropout=args.dropout, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                             weight_decay=args.weight_decay, seed=args.seed, log_every=max(args.steps // 5, 1))
+                             weight_decay=args.weight_decay, seed=args.seed, log_every=max(args.steps // 5, 1),
+                             mixtures=args.mixtures)
     report["train"] = dagger_report(net, inputs[~val], cands[~val], expert[~val], data["expert"][~val])
     if bool(val.any()):
         report["heldout"] = dagger_report(net, inputs[val], cands[val], expert[val], data["expert"][val])
         report["heldout_episodes"] = n_val
+        # per task: where the predictor is weak (MetaWorld peg-insert: the task it loses closed loop)
+        names = task_names(data["meta"], int(data["task"].max()) + 1)
+        report["heldout_per_task"] = {
+            names[t]: dagger_report(net, inputs[m], cands[m], expert[m], data["expert"][m])
+            for t in data["task"][val].unique().tolist() for m in [val & (data["task"] == t)]}
     out = Path(args.out) if args.out is not None else Path(args.policy) / SELECTOR_DIR / DAGGER_SUBDIR
     save_fitted(DaggerSelector(net), out, {**report, "policy": str(args.policy), "data": [str(f) for f in args.data],
                                            "collected": data["meta"]})
@@ -124,7 +170,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"dagger ({split}, {r['states']} states): expert-chunk MSE {r['mse_prediction']:.4f} (candidates' mean "
                   f"{r['mse_candidate_mean']:.4f}); Spearman within state {r['spearman']:.3f}; closeness to the expert "
                   f"above the candidates' mean — first {r['gain_first']:+.4f}, consistency {r['gain_consistency']:+.4f}, "
-                  f"dagger {r['gain_dagger']:+.4f}, oracle {r['gain_oracle']:+.4f}")
+                  f"dagger {r['gain_dagger']:+.4f}, oracle {r['gain_oracle']:+.4f}"
+                  + (f"; NLL per number {r['nll']:.3f}; scored by likelihood instead of the mode: Spearman "
+                     f"{r['likelihood_spearman']:.3f}, gain {r['likelihood_gain_dagger']:+.4f}" if "nll" in r else ""))
+    for task, r in s.get("heldout_per_task", {}).items():
+        print(f"  {task:24s} {r['states']:6d} states: MSE {r['mse_prediction']:.3f} (mean {r['mse_candidate_mean']:.3f}), "
+              f"Spearman {r['spearman']:.3f}, gain first / dagger / oracle {r['gain_first']:+.3f} / "
+              f"{r['gain_dagger']:+.3f} / {r['gain_oracle']:+.3f}")
     print(f"dagger: saved to {s['out']} (use --selector dagger); {time.time() - t0:.0f} s")
     return 0
 

@@ -156,6 +156,54 @@ def test_dagger_predicts_the_expert_chunk_and_picks_the_closest_candidate() -> N
         fit_dagger(x, cands, expert * float("nan"), steps=1)
 
 
+def _bimodal_states(m: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """m states whose expert chunk is +goal or -goal by a coin the network never sees (the summary encodes only
+    the goal). Candidate 0 is near +goal, 1 near -goal, the others near their average 0."""
+    g = torch.Generator().manual_seed(seed)
+    goal = 2.0 * torch.randn(m, 1, A, generator=g).sign()  # |goal| = 2 in every dim
+    coin = torch.randint(0, 2, (m, 1, 1), generator=g).float() * 2 - 1
+    expert = (coin * goal).expand(m, H, A).contiguous()
+    summary = torch.cat([goal.flatten(1), torch.randn(m, D + S - A, generator=g)], 1)
+    cands = 0.1 * torch.randn(m, N, H, A, generator=g)
+    cands[:, 0] += goal
+    cands[:, 1] -= goal
+    pooled = torch.randn(m, N, W, generator=g)
+    closeness = -(cands - expert[:, None]).pow(2).mean((-1, -2))
+    return dagger_inputs(summary, pooled, cands, A), cands, expert, closeness
+
+
+def test_a_mixture_picks_a_mode_where_a_point_prediction_picks_the_average(tmp_path: Path) -> None:
+    """A bimodal expert: squared error predicts the average (0) and picks a candidate that is neither mode; the
+    2-component mixture scores the candidates at the modes highest. It saves, loads and selects like the point one."""
+    from policies.selectors.dagger import DaggerSelector, dagger_scores
+
+    x, cands, expert, close = _bimodal_states(1200, 0)
+    tx, tc, te, _ = _bimodal_states(300, 1)  # unseen states
+    picks = {}
+    for k in (0, 2):
+        net, report = fit_dagger(x, cands, expert, hidden=64, steps=2000, seed=0, mixtures=k)
+        assert report["mixtures"] == k
+        picks[k] = dagger_scores(net, tx, tc).argmax(1)
+        rep = dagger_report(net, tx, tc, te, -(tc - te[:, None]).pow(2).mean((-1, -2)))
+        assert ("nll" in rep) == (k > 0), rep
+    at_mode = {k: float((p < 2).float().mean()) for k, p in picks.items()}
+    assert at_mode[0] < 0.2 and at_mode[2] > 0.9, at_mode
+    sel = DaggerSelector(net, mixture_score="likelihood")
+    assert sel.mixtures == 2 and sel.net.out_dim == 2 * (1 + 2 * H * A)
+    sel.save_pretrained(tmp_path / "m")
+    again = load_selector(tmp_path / "m")
+    assert again.mixtures == 2 and again.mixture_score == "likelihood"
+    g = torch.Generator().manual_seed(4)
+    c, f = torch.randn(B, N, H, A, generator=g), torch.randn(B, N, H, W, generator=g)
+    obs, prefix = _obs_prefix()
+    assert torch.allclose(again.select(c, obs=obs, prefix=prefix, features=f)[1],
+                          sel.select(c, obs=obs, prefix=prefix, features=f)[1])
+    with pytest.raises(ValueError, match=r"mixture_score must be one of \('mode', 'likelihood'\), received 'mean'"):
+        make_selector("dagger", path=str(tmp_path / "m"), mixture_score="mean")
+    with pytest.raises(ValueError, match="mixtures must be an int >= 0"):
+        fit_dagger(x, cands, expert, steps=1, mixtures=-1)
+
+
 def test_a_nan_candidate_never_poisons_the_choice() -> None:
     """dagger averages over the candidates: one NaN candidate (index 0) must neither be chosen nor turn every
     other score into NaN; a scorer that returns NaN everywhere falls back to the first finite candidate."""
@@ -203,7 +251,7 @@ def test_dagger_selector_reads_the_observation_save_load_and_errors(tmp_path: Pa
     with pytest.raises(FileNotFoundError, match="vla post-train dagger"):
         make_selector("dagger", path=str(tmp_path / "nothing"))
     _tiny_value().save_pretrained(tmp_path / "v")  # a value critic's folder is not a dagger predictor
-    with pytest.raises(ValueError, match="must output a chunk of 4 x 3 = 12 numbers, it outputs 1"):
+    with pytest.raises(ValueError, match=r"must output a chunk of 4 x 3 = 12 numbers, or K x 25 .*it outputs 1"):
         make_selector("dagger", path=str(tmp_path / "v"))
 
 

@@ -21,6 +21,7 @@ from policies.selectors import (
 )
 from policies.selectors.cfn import CfnSelector
 from policies.selectors.dagger import DaggerSelector, dagger_inputs
+from policies.selectors.gate import GatedSelector
 from policies.selectors.value import ValueSelector, value_inputs
 from post_training.dagger_train import fit_dagger
 from post_training.value_train import fit_value
@@ -35,7 +36,9 @@ def _obs_prefix(b: int = B, seed: int = 2) -> tuple[SimpleNamespace, SimpleNames
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(b, T, dtype=torch.bool)
     mask[:, -1] = False
-    obs = SimpleNamespace(batch_size=b, state=torch.randn(b, S, generator=g))
+    ids = torch.arange(b * 4).view(b, 4) % 7  # a different instruction per row (for the `gated` selector)
+    obs = SimpleNamespace(batch_size=b, state=torch.randn(b, S, generator=g), prompt_ids=ids,
+                          prompt_mask=torch.ones(b, 4, dtype=torch.bool))
     return obs, SimpleNamespace(hidden=torch.randn(b, T, D, generator=g), mask=mask, extras={})
 
 
@@ -85,6 +88,8 @@ BUILDERS = {
     "world_model": lambda: WorldModelSelector(_RewardModel()),
     "value": _tiny_value,
     "dagger": _tiny_dagger,
+    # the medoid everywhere but on the fake observation's second instruction
+    "gated": lambda: GatedSelector(make_selector("consistency"), {(4, 5, 6, 0)}),
 }
 
 

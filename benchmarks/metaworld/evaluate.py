@@ -165,11 +165,14 @@ def eval_episode(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def episode_plan(task: str, seed: int, first_episode: int, episodes: int) -> list[tuple[int, int, int, Any, int]]:
+def episode_plan(task: str, seed: int, first_episode: int, episodes: int,
+                 split: str = "eval") -> list[tuple[int, int, int, Any, int]]:
     """Episodes ``first_episode ..`` of ``seed``'s evaluation sequence for ``task``: (index, variation pool seed,
-    index in pool, variation, episode seed). Every evaluation of a seed runs the same episodes."""
-    drawn = variations(task, "eval", first_episode + episodes, seed)[first_episode:]
-    return [(i, ps, pi, var, int(np.random.SeedSequence([seed, zlib.crc32(task.encode()), i]).generate_state(1)[0]))
+    index in pool, variation, episode seed). Every evaluation of a seed runs the same episodes. ``split="train"``
+    plays the training variations instead (validation of choices that must not see the held-out ones)."""
+    drawn = variations(task, split, first_episode + episodes, seed)[first_episode:]
+    tag = [] if split == "eval" else [2]  # the eval split keeps the episode seeds it always had
+    return [(i, ps, pi, var, int(np.random.SeedSequence([seed, zlib.crc32(task.encode()), i, *tag]).generate_state(1)[0]))
             for i, (ps, pi, var) in enumerate(drawn, start=first_episode)]
 
 
@@ -202,6 +205,7 @@ def evaluate(
     selector: str | dict | None = None,
     policy_overrides: Sequence[str] = (),
     first_episode: int = 0,
+    split: str = "eval",
 ) -> dict[str, Any]:
     """Success rate per task over `episodes_per_task` held-out variations.
 
@@ -213,8 +217,12 @@ def evaluate(
     `cameras` and `image_size` must be those of the policy's training data; `cameras=None` reads them
     from a checkpoint's preprocessor (its camera map), else uses the close-up corner2 camera.
     `policy_overrides`: `--field=value` strings over a checkpoint's config (e.g. `--head.greedy=expected`).
+    `split`: "eval" (the held-out variations) or "train" (the training variations: to validate a choice, such as
+    where a selector helps, without touching the held-out ones).
     Returns the results dict that report.py renders.
     """
+    if split not in ("eval", "train"):
+        raise ValueError(f"split: expected 'eval' or 'train', received {split!r}")
     if episodes_per_task < 1:
         raise ValueError(f"episodes_per_task: expected >= 1, received {episodes_per_task}")
     if max_steps < 1:
@@ -248,7 +256,7 @@ def evaluate(
     start = time.perf_counter()
     jobs = []
     for task in task_list:
-        for i, ps, pi, var, ep_seed in episode_plan(task, seed, first_episode, episodes_per_task):
+        for i, ps, pi, var, ep_seed in episode_plan(task, seed, first_episode, episodes_per_task, split):
             video = (str(videos / f"{task}_ep{i:03d}.mp4")
                      if videos is not None and i - first_episode < videos_per_task else None)
             jobs.append(dict(task=task, episode=i, pool_seed=ps, pool_index=pi, variation=var, cameras=cams,
@@ -282,7 +290,7 @@ def evaluate(
         "mean_success": float(np.mean([t["success_rate"] for t in per_task.values()])),
         "ci95": [round(x, 4) for x in wilson_interval(total, n)],
         "interval_method": "Wilson score, 95%, over episodes (per task and pooled for the mean)",
-        "episodes_per_task": episodes_per_task, "seed": seed, "first_episode": first_episode,
+        "episodes_per_task": episodes_per_task, "seed": seed, "first_episode": first_episode, "split": split,
         "workers": workers, "max_steps": max_steps,
         "n_action_steps": n_action_steps, "num_samples": num_samples, "selector": selector,
         "policy_overrides": list(policy_overrides),
@@ -304,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--first-episode", type=int, default=0,
                    help="run episodes K.. of the seed's sequence (more episodes later, none repeated)")
+    p.add_argument("--split", default="eval", choices=["eval", "train"],
+                   help="held-out variations (default) or the training ones (to validate choices without the held-out)")
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)
     p.add_argument("--n-action-steps", type=int, default=None, help="default: the policy's config")
     p.add_argument("--videos-per-task", type=int, default=1)
@@ -357,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        tuple(c for c in args.cameras.split(",") if c) if args.cameras else None,
                        args.image_size, args.device,
                        not args.no_progress, args.num_samples, _selector_spec(args), overrides,
-                       args.first_episode)
+                       args.first_episode, args.split)
     results["commit"] = commit
     paths = write_report(results, args.out)
     width = max(len(t) for t in results["tasks"])

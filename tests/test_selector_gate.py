@@ -1,0 +1,102 @@
+"""The `gated` selector (another selector's choice except for switched-off instructions) and the decision that
+writes its gate from paired episodes on training variations (benchmarks.metaworld.selector_gate)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.metaworld.selector_gate import gate_decision
+from policies.selectors import make_selector
+from policies.selectors.gate import GATE_FILE, GatedSelector
+from tests.test_selectors import A, B, H, N, _obs_prefix, _raw
+
+
+def test_gated_rows_execute_the_first_candidate_the_others_the_inner_choice() -> None:
+    g = torch.Generator().manual_seed(0)
+    cands = torch.randn(B, N, H, A, generator=g)
+    cands[:, 0] += 10.0  # an outlier first candidate: the medoid never picks it
+    obs, prefix = _obs_prefix()
+    off = tuple(int(t) for t in obs.prompt_ids[1])
+    inner_chunk, _ = make_selector("consistency").select(cands)
+    chunk, scores = GatedSelector(make_selector("consistency"), {off}).select(cands, obs=obs, prefix=prefix)
+    assert torch.equal(chunk[1], cands[1, 0]) and scores[1].tolist() == [0.0] + [-1.0] * (N - 1)
+    assert torch.equal(chunk[[0, 2]], inner_chunk[[0, 2]]) and not torch.equal(chunk[0], cands[0, 0])
+    # padding is not part of the instruction: the same tokens with a padded tail are still switched off
+    obs.prompt_ids = torch.cat([obs.prompt_ids, torch.full((B, 2), 99)], 1)
+    obs.prompt_mask = torch.cat([obs.prompt_mask, torch.zeros(B, 2, dtype=torch.bool)], 1)
+    assert torch.equal(GatedSelector(make_selector("consistency"), {off}).select(cands, obs=obs)[0][1], cands[1, 0])
+    with pytest.raises(ValueError, match="reads the instruction"):
+        GatedSelector(make_selector("consistency"), {off}).select(cands)
+    with pytest.raises(ValueError, match="itself gated"):
+        GatedSelector(GatedSelector(make_selector("first"), set()), set())
+
+
+def test_gated_config_reads_the_gate_and_the_policy_tokenizer(checkpoint, tmp_path: Path) -> None:
+    """gate.json names the inner selector and the switched-off instructions; with the policy, an observation whose
+    task is switched off executes the first candidate (the same chunk as `first` for the same noise), another task
+    the inner selector's choice, and the backbone still runs once."""
+    from vla.policy import VLAPolicy
+
+    policy = VLAPolicy.from_pretrained(checkpoint[0])
+    raw = _raw(policy)  # task "push the red block"
+    (tmp_path / GATE_FILE).write_text(json.dumps({"selector": {"type": "consistency"}, "off": [raw["task"]]}))
+    spec = {"type": "gated", "path": str(tmp_path)}
+    seed = lambda: torch.Generator().manual_seed(3)
+    for task, like in ((raw["task"], "first"), ("open the drawer", "consistency")):
+        r = {**raw, "task": task}
+        passes: list[int] = []
+        encode = policy.backbone.encode_prefix
+        policy.backbone.encode_prefix = lambda obs: (passes.append(1), encode(obs))[1]
+        gated = policy.predict_action_chunk(r, num_samples=6, generator=seed(), selector=spec)
+        policy.backbone.encode_prefix = encode
+        assert len(passes) == 1
+        ref = policy.predict_action_chunk(r, num_samples=6, generator=seed(), selector=like)
+        assert np.allclose(gated, ref, atol=1e-6), task
+    with pytest.raises(ValueError, match="needs --selector.path"):
+        make_selector("gated")
+    with pytest.raises(FileNotFoundError, match="selector_gate"):
+        make_selector("gated", path=str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="needs the policy's tokenizer"):
+        make_selector("gated", path=str(tmp_path))
+    (tmp_path / GATE_FILE).write_text(json.dumps({"selector": {"type": "gated"}, "off": []}))
+    with pytest.raises(ValueError, match="must name the inner selector"):
+        make_selector("gated", path=str(tmp_path))
+
+
+def _results(outcomes: dict[str, list[bool]]) -> dict:
+    """A `vla eval metaworld` results dict with per-episode outcomes (same variations and seeds in every arm)."""
+    return {"tasks": {t: {"successful": ok, "variations": [[0, i] for i in range(len(ok))],
+                          "seeds": list(range(len(ok))), "success_rate": sum(ok) / len(ok)}
+                      for t, ok in outcomes.items()}}
+
+
+def test_gate_decision_switches_off_where_selection_lost_paired_episodes() -> None:
+    base = _results({"peg": [1, 1, 1, 0, 0, 1], "pick": [0, 0, 0, 1, 0, 0], "door": [1, 1, 1, 1, 1, 1]})
+    sel = _results({"peg": [0, 0, 1, 1, 0, 1], "pick": [1, 1, 0, 1, 0, 0], "door": [1, 1, 1, 1, 1, 0]})
+    d = gate_decision(base, sel)
+    assert d["off_tasks"] == ["peg", "door"]
+    assert (d["evidence"]["peg"]["gained"], d["evidence"]["peg"]["lost"]) == (1, 2)
+    assert (d["evidence"]["pick"]["gained"], d["evidence"]["pick"]["lost"]) == (2, 0)
+    assert gate_decision(base, sel, margin=2)["off_tasks"] == []  # one episode net is not enough at margin 2
+    with pytest.raises(ValueError, match="--margin"):
+        gate_decision(base, sel, margin=0)
+    with pytest.raises(ValueError, match="different tasks"):
+        gate_decision(base, _results({"peg": [1] * 6}))
+    with pytest.raises(ValueError, match="different episodes"):
+        gate_decision(base, _results({"peg": [1] * 5, "pick": [1] * 6, "door": [1] * 6}))
+
+
+def test_training_split_plays_other_variations_and_seeds() -> None:
+    from benchmarks.metaworld.evaluate import episode_plan, evaluate
+    from benchmarks.metaworld.tasks import variations
+
+    ev, tr = episode_plan("reach-v3", 0, 0, 3), episode_plan("reach-v3", 0, 0, 3, "train")
+    assert [(ps, pi) for _, ps, pi, _, _ in tr] == [(ps, pi) for ps, pi, _ in variations("reach-v3", "train", 3, 0)]
+    assert {ps % 2 for _, ps, _, _, _ in ev} == {1} and {ps % 2 for _, ps, _, _, _ in tr} == {0}
+    assert [s for *_, s in ev] != [s for *_, s in tr]
+    with pytest.raises(ValueError, match="split: expected 'eval' or 'train'"):
+        evaluate(lambda: None, "reach-v3", 1, split="test")
