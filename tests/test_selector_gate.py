@@ -100,3 +100,35 @@ def test_training_split_plays_other_variations_and_seeds() -> None:
     assert [s for *_, s in ev] != [s for *_, s in tr]
     with pytest.raises(ValueError, match="split: expected 'eval' or 'train'"):
         evaluate(lambda: None, "reach-v3", 1, split="test")
+
+
+def test_selector_gate_plays_both_arms_on_training_variations_and_writes_the_gate(tmp_path: Path, monkeypatch,
+                                                                                   capsys) -> None:
+    """The command's wiring, with the simulator replaced: both arms on the same training split with the same
+    overrides, the selector arm with its assets folder, and gate.json naming the switched-off instructions."""
+    from benchmarks.metaworld import selector_gate
+    from benchmarks.metaworld.tasks import INSTRUCTIONS
+
+    calls = []
+
+    def fake_evaluate(policy, **kw):
+        calls.append(kw)
+        won = "selector" in kw  # the selector wins reach and loses peg-insert
+        res = _results({"reach-v3": [won, won, False], "peg-insert-side-v3": [not won, not won, True]})
+        res["mean_success"] = 0.5
+        return res
+
+    monkeypatch.setattr("benchmarks.metaworld.evaluate.evaluate", fake_evaluate)
+    args = ["--policy", "P", "--selector", "dagger", "--selector.path", str(tmp_path), "--tasks", "reach-v3,peg-insert-side-v3",
+            "--episodes", "3", "--no-progress", "--policy.head.num_steps=5"]
+    assert selector_gate.main(args) == 0
+    assert [c["split"] for c in calls] == ["train", "train"] and all(c["policy_overrides"] == ["--head.num_steps=5"]
+                                                                    for c in calls)
+    assert calls[1]["selector"] == {"type": "dagger", "path": str(tmp_path)} and calls[1]["num_samples"] == 16
+    gate = json.loads((tmp_path / GATE_FILE).read_text())
+    assert gate["off"] == [INSTRUCTIONS["peg-insert-side-v3"]] and gate["selector"] == {"type": "dagger"}
+    assert gate["evidence"]["reach-v3"]["gained"] == 2 and (tmp_path / "gate_eval_selected.json").is_file()
+    assert "peg-insert-side-v3" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        selector_gate.main(["--policy", "P", "--selector", "gated", "--selector.path", str(tmp_path)])
+    assert "name the selector to gate" in capsys.readouterr().err
