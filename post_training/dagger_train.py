@@ -41,8 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--mixtures", type=int, default=0,
                    help="0: predict one expert chunk (squared error; the score is minus the distance to it); K >= 1: a "
-                        "K-component Gaussian mixture over the expert chunk (negative log-likelihood; the score is the "
-                        "candidate's log density), for experts whose next chunk is multi-modal from what the network sees")
+                        "K-component Gaussian mixture over the expert chunk (negative log-likelihood; the score is minus "
+                        "the distance to the most probable component, or with --selector.mixture_score=likelihood the "
+                        "log density), for experts whose next chunk is multi-modal from what the network sees")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of the episodes")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -68,7 +69,8 @@ def fit_dagger(inputs: torch.Tensor, candidates: torch.Tensor, expert_chunk: tor
     if not all(bool(torch.isfinite(t).all()) for t in (inputs, candidates, expert_chunk)):
         raise ValueError("fit_dagger: inputs, candidates or expert chunks contain NaN/inf")
     if not isinstance(mixtures, int) or mixtures < 0:
-        raise ValueError(f"fit_dagger: mixtures must be an int >= 0 (0 = one predicted chunk), received {mixtures!r}")
+        raise ValueError(f"fit_dagger: mixtures (--mixtures) must be an int >= 0 (0 = one predicted chunk), received "
+                         f"{mixtures!r}")
     torch.manual_seed(seed)
     x, c, e = inputs.float(), candidates.float(), expert_chunk.float()
     out_dim = h * a if mixtures == 0 else mixtures * (1 + 2 * h * a)

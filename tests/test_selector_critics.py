@@ -200,7 +200,7 @@ def test_a_mixture_picks_a_mode_where_a_point_prediction_picks_the_average(tmp_p
                           sel.select(c, obs=obs, prefix=prefix, features=f)[1])
     with pytest.raises(ValueError, match=r"mixture_score must be one of \('mode', 'likelihood'\), received 'mean'"):
         make_selector("dagger", path=str(tmp_path / "m"), mixture_score="mean")
-    with pytest.raises(ValueError, match="mixtures must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"mixtures \(--mixtures\) must be an int >= 0"):
         fit_dagger(x, cands, expert, steps=1, mixtures=-1)
 
 
