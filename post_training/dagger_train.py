@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixtures", type=int, default=0,
                    help="0: predict one expert chunk (squared error; the score is minus the distance to it); K >= 1: a "
                         "K-component Gaussian mixture over the expert chunk (negative log-likelihood; the score is minus "
-                        "the distance to the most probable component, or with --selector.mixture_score=likelihood the "
-                        "log density), for experts whose next chunk is multi-modal from what the network sees")
+                        "the distance to the most probable component, or with the selector's mixture_score='likelihood' "
+                        "the log density), for experts whose next chunk is multi-modal from what the network sees")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of the episodes")
     p.add_argument("--seed", type=int, default=0)
     return p
