@@ -282,6 +282,17 @@ def policy_overrides(extra: Sequence[str]) -> list[str]:
     return ["--" + a[len("--policy."):] for a in extra]
 
 
+def parse_args_with_overrides(parser: Any, argv: Sequence[str] | None) -> tuple[Any, list[str]]:
+    """``parser.parse_known_args(argv)`` whose leftovers must be ``--policy.FIELD=VALUE`` -> (args, overrides);
+    anything else ends in ``parser.error`` naming it (the commands that take a checkpoint's overrides)."""
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return args, policy_overrides(extra)
+    except ValueError as e:
+        parser.error(str(e))
+        raise  # parser.error exits; for parsers that were told not to
+
+
 # Fields of a trained policy's config that change how it acts but not what it learned: overriding them
 # at load time is what the overrides are for. Any other field is allowed (experiments) with a warning.
 EXECUTION_FIELDS = ("inference_bf16", "head.temperature", "head.top_k", "head.greedy", "head.num_steps", "head.max_resample",

@@ -344,19 +344,16 @@ def _selector_spec(args: argparse.Namespace) -> str | dict | None:
 def main(argv: Sequence[str] | None = None) -> int:
     from .report import git_commit, write_report
 
-    from vla.config import policy_overrides
+    from vla.config import parse_args_with_overrides
 
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    try:
-        overrides = policy_overrides(extra)
-    except ValueError as e:
-        parser.error(str(e))
+    args, overrides = parse_args_with_overrides(parser, argv)
     if args.policy == "expert":
         from .expert_policy import ScriptedExpertPolicy
 
         if overrides:
-            parser.error(f"{' '.join(extra)}: the scripted experts have no config to override")
+            given = " ".join("--policy." + o[2:] for o in overrides)  # as typed: --policy.FIELD=VALUE
+            parser.error(f"{given}: the scripted experts have no config to override")
 
         policy: Any = ScriptedExpertPolicy
     else:

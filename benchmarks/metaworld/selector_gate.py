@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.common import provenance
     from benchmarks.metaworld.evaluate import evaluate
     from benchmarks.metaworld.tasks import INSTRUCTIONS
-    from vla.config import policy_overrides
+    from vla.config import parse_args_with_overrides
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Any --policy.FIELD=VALUE overrides the checkpoint's execution settings in both "
@@ -63,11 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--margin", type=int, default=1, help="switch off where lost - gained >= this many episodes")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
-    args, extra = p.parse_known_args(argv)
-    try:
-        overrides = policy_overrides(extra)
-    except ValueError as e:
-        p.error(str(e))
+    args, overrides = parse_args_with_overrides(p, argv)
     if args.selector == "gated":
         p.error("--selector gated: name the selector to gate (e.g. dagger), not the gate itself")
     folder = Path(args.selector_path)

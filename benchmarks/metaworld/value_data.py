@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.metaworld.evaluate import _set_policy_spec, policy_cameras
     from benchmarks.metaworld.tasks import resolve_tasks, variations
     from benchmarks.metaworld.workers import run_jobs
-    from vla.config import policy_overrides
+    from vla.config import parse_args_with_overrides
     from vla.policy import load_policy_config
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -136,9 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--selector.path", dest="selector_path", default=None, help="its assets (default: saved with the policy)")
     p.add_argument("--out", type=Path, required=True, help="a .pt file")
     p.add_argument("--no-progress", action="store_true")
-    args, extra = p.parse_known_args(argv)
+    args, overrides = parse_args_with_overrides(p, argv)
     try:
-        overrides = policy_overrides(extra)
         # fail here, not in every worker (a LoRA adapter folder has no config.json of its own to override)
         config = load_policy_config(args.policy, overrides) if overrides or (Path(args.policy) / "config.json").is_file() \
             else None

@@ -4,7 +4,7 @@ candidate, which is what the policy executes without selection.
 Why this exists: a selector can help on most tasks and hurt one badly. On MetaWorld MT10 the ``dagger`` selector
 raised pick-place from 10-13 to 40-47% and dropped peg-insert-side from 27-33 to 3-10% in every run. Watching the
 peg-insert episodes showed why: it grasps the peg more often, but it then copies what the scripted expert does
-from a grasp a few millimetres higher than its own (the expert lowers the hand onto the peg again), so the arm
+from a grip that sits 2-3 cm above the peg (there the expert lowers the hand onto the peg again), so the arm
 holds the peg in the air until the episode ends. The selector is only as good as its labels, and where they
 mislead, the policy alone does better. Which instructions those are is measured, not guessed: play the policy
 with and without the selector on TRAINING variations (``python -m benchmarks.metaworld.selector_gate``), and
