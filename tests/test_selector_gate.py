@@ -132,3 +132,7 @@ def test_selector_gate_plays_both_arms_on_training_variations_and_writes_the_gat
     with pytest.raises(SystemExit):
         selector_gate.main(["--policy", "P", "--selector", "gated", "--selector.path", str(tmp_path)])
     assert "name the selector to gate" in capsys.readouterr().err
+    n = len(calls)
+    with pytest.raises(SystemExit):  # refused before either arm plays
+        selector_gate.main(["--policy", "P", "--selector", "dager", "--selector.path", str(tmp_path)])
+    assert "dagger" in capsys.readouterr().err and len(calls) == n

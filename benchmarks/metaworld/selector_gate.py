@@ -66,6 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args_with_overrides(p, argv)
     if args.selector == "gated":
         p.error("--selector gated: name the selector to gate (e.g. dagger), not the gate itself")
+    from policies.selectors import selector_config_class
+
+    try:  # here, not after the first arm has played every episode
+        selector_config_class(args.selector)
+    except KeyError as e:  # UnknownNameError: lists the known names
+        p.error(f"--selector: {e.args[0] if e.args else e}")
     folder = Path(args.selector_path)
     if not folder.is_dir():
         p.error(f"--selector.path {folder}: not a folder")
