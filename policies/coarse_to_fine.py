@@ -52,6 +52,11 @@ class CoarseToFineConfig(HeadConfig):
     # scales, by a near-miss code, the finer targets then correcting it (``MSVQTokenizer.noisy_codes``). Teacher
     # forcing alone never shows a scale a wrong coarser reconstruction, which greedy decoding then feeds it.
     code_noise: float = 0.0
+    # Training only: how the codes' cross-entropies are weighed. "token": every code alike (the exact sequence NLL;
+    # the finest scale, with most codes, dominates: 32 of 60 per-dimension codes at 1-2-4-8). "scale": each scale
+    # alike (weights sum to the number of codes), so the few coarse codes that move the whole chunk, and that greedy
+    # decoding feeds to every finer scale, get the weight of the many fine corrections.
+    scale_loss: str = "token"
 
     @classmethod
     def tiny(cls) -> "CoarseToFineConfig":
@@ -59,6 +64,9 @@ class CoarseToFineConfig(HeadConfig):
 
     def build(self, backbone: Backbone, policy: PolicyConfig) -> "CoarseToFineHead":
         return CoarseToFineHead(self, backbone, policy.chunk_size, policy.max_action_dim, policy.max_state_dim)
+
+
+SCALE_LOSSES = ("token", "scale")
 
 
 def scale_groups(scales: list[int]) -> Tensor:
@@ -83,6 +91,8 @@ class CoarseToFineHead(TokenHead):
         check_decoding(cfg, self.tokenizer, per_position=False)
         if not 0 <= cfg.code_noise < 1:
             raise ValueError(f"head.code_noise: expected 0 <= code_noise < 1, received {cfg.code_noise!r}")
+        if cfg.scale_loss not in SCALE_LOSSES:
+            raise ValueError(f"head.scale_loss: expected one of {SCALE_LOSSES}, received {cfg.scale_loss!r}")
         self.scales = list(cfg.tokenizer.scales)
         d = backbone.hidden_size
         self.latent_in = nn.Linear(cfg.tokenizer.latent_dim, d)
@@ -158,6 +168,16 @@ class CoarseToFineHead(TokenHead):
         used, target = tok.noisy_codes(actions[..., : tok.action_dim], self.cfg.code_noise)
         used, target = used.to(actions.device), target.to(actions.device)
         return used, target, torch.ones_like(target, dtype=torch.bool)
+
+    def code_weights(self, length: int, device: torch.device | str) -> Tensor | None:
+        """(L,) weights of the codes' cross-entropies in the train-mode loss, or None (every code 1: eval mode,
+        ``scale_loss="token"``). "scale": a code of scale k weighs L / (K * codes of scale k)."""
+        if not (self.training and self.cfg.scale_loss == "scale"):
+            return None
+        sizes = self.layout(device)[0]
+        if sum(sizes) != length:
+            raise ValueError(f"coarse_to_fine: {length} codes, the tokenizer's scales have {sum(sizes)}")
+        return torch.cat([torch.full((s,), length / (len(sizes) * s)) for s in sizes]).to(device)
 
     # --- sampling: one forward pass per scale -------------------------------------------------
     @torch.no_grad()

@@ -195,11 +195,17 @@ class TokenHead(ActionHead):
 
     def loss(self, backbone, prefix: Prefix, actions: Tensor, is_pad: Tensor, **kw) -> Tensor:
         """(B, H) per-step NLL of the chunk's codes; ``sum(-1)`` is the exact sequence NLL (unless
-        ``training_codes`` feeds other inputs, e.g. coarse_to_fine's ``code_noise`` in train mode)."""
+        ``training_codes`` feeds other inputs or ``code_weights`` weighs the codes, e.g. coarse_to_fine's
+        ``code_noise`` and ``scale_loss`` in train mode)."""
         inputs, codes, mask = self.training_codes(actions, prefix)
         logits, _ = self.logits(backbone, prefix, inputs)
         nll = F.cross_entropy(logits.float().transpose(1, 2), codes, reduction="none")  # (B, L)
-        return self.step_loss(nll, mask, is_pad)
+        weights = self.code_weights(nll.shape[1], nll.device)
+        return self.step_loss(nll if weights is None else nll * weights, mask, is_pad)
+
+    def code_weights(self, length: int, device) -> Tensor | None:
+        """(L,) weights of the codes' NLL in ``loss``, or None (all 1: the exact sequence NLL)."""
+        return None
 
     # --- shared pieces of the forward pass ------------------------------------------------------
     def state_token(self, prefix: Prefix) -> Tensor:

@@ -70,10 +70,13 @@ def prepare_policy(path: str, mode: str, lora_r: int, lora_alpha: int, device: s
     if mode not in TRAIN_MODES:
         raise ValueError(f"--train: expected one of {list(TRAIN_MODES)}, received {mode!r}")
     policy = VLAPolicy.from_pretrained(path, device=device)
-    # DPO and GRPO read log pi from the train-mode loss: coarse_to_fine's code_noise would make it inexact
+    # DPO and GRPO read log pi from the train-mode loss: coarse_to_fine's code_noise / scale_loss would make it inexact
     if getattr(getattr(policy.head, "cfg", None), "code_noise", 0):
         print(f"post-training: head.code_noise {policy.head.cfg.code_noise} -> 0 (exact likelihoods)")
         policy.head.cfg.code_noise = 0.0
+    if getattr(getattr(policy.head, "cfg", None), "scale_loss", "token") != "token":
+        print(f"post-training: head.scale_loss {policy.head.cfg.scale_loss!r} -> 'token' (exact likelihoods)")
+        policy.head.cfg.scale_loss = "token"
     ref = frozen_reference(policy.head)  # before any update: the reference is the starting policy
     lora_cfg = None
     if mode == "lora":

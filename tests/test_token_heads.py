@@ -390,6 +390,42 @@ def test_coarse_to_fine_code_noise_trains_on_near_misses_only_in_train_mode(tmp_
         _policy(cfg)
 
 
+def test_coarse_to_fine_scale_loss_weighs_each_scale_alike_in_train_mode(tmp_path: Path) -> None:
+    """scale_loss='scale' reweighs the codes' NLL so every scale sums to the same weight (the total stays the number
+    of codes); eval mode keeps the exact sequence NLL; an unknown value names the field and the choices."""
+    clean = _policy(HEADS["coarse_to_fine_per_dim"])
+    cfg = copy.deepcopy(HEADS["coarse_to_fine_per_dim"])
+    cfg.scale_loss = "scale"
+    weighted = _policy(cfg)
+    obs = random_observation(clean, batch=3)
+    actions = torch.randn(3, clean.config.chunk_size, clean.config.max_action_dim).clamp(-2, 2)
+    is_pad = torch.zeros(3, clean.config.chunk_size, dtype=torch.bool)
+    torch.testing.assert_close(weighted.loss(obs, actions, is_pad), clean.loss(obs, actions, is_pad))  # eval mode
+    head = weighted.head
+    sizes = head.layout()[0]
+    weighted.train()
+    w = head.code_weights(sum(sizes), "cpu")
+    per_scale = torch.stack([c.sum() for c in w.split(sizes)])
+    torch.testing.assert_close(per_scale, torch.full_like(per_scale, sum(sizes) / len(sizes)))
+    assert w[0] > w[-1]  # a coarse code outweighs a fine one
+    prefix = weighted.encode(obs)
+    codes, mask = head.targets(actions, prefix)
+    with torch.no_grad():
+        nll = F.cross_entropy(head.logits(weighted.backbone, prefix, codes)[0].float().transpose(1, 2), codes,
+                              reduction="none")
+        torch.testing.assert_close(head.loss(weighted.backbone, prefix, actions, is_pad),
+                                   head.step_loss(nll * w, mask, is_pad))
+    weighted.save_pretrained(tmp_path / "ckpt")  # post-training (DPO, GRPO) needs the exact log pi: back to "token"
+    from post_training.dpo import prepare_policy
+
+    loaded = prepare_policy(str(tmp_path / "ckpt"), "head", 16, 32, "cpu")[0]
+    assert loaded.training and loaded.head.cfg.scale_loss == "token"
+    assert loaded.head.code_weights(sum(sizes), "cpu") is None
+    cfg.scale_loss = "uniform"
+    with pytest.raises(ValueError, match=r"head.scale_loss: expected one of \('token', 'scale'\), received 'uniform'"):
+        _policy(cfg)
+
+
 def test_coarse_to_fine_refuses_a_tokenizer_of_another_layout(tmp_path: Path) -> None:
     """head.tokenizer_path pointing at a per-dimension tokenizer for a joint head (or other scales) is an error,
     not silently wrong slot embeddings."""

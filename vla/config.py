@@ -299,7 +299,7 @@ EXECUTION_FIELDS = ("inference_bf16", "head.temperature", "head.top_k", "head.gr
                     "head.resample_temperature", "head.constrain_length", "n_action_steps",
                     # training-time only: which weights get gradients / start from ImageNet / target noise
                     "backbone.freeze_vision", "backbone.freeze_language", "backbone.pretrained_vision",
-                    "head.code_noise")
+                    "head.code_noise", "head.scale_loss")
 
 
 def check_override_fields(cfg: Any, args: Sequence[str]) -> None:
