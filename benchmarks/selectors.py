@@ -58,6 +58,15 @@ def _interleaved_ms(calls: dict[str, Any], repeats: int) -> dict[str, tuple[floa
     return out
 
 
+def selector_arg(text: str) -> tuple[str, str | dict]:
+    """``--selectors`` item -> (row label, selector spec): ``NAME`` (assets saved with the policy) or ``NAME=DIR``
+    (``{"type": NAME, "path": DIR}``, e.g. ``gated=outputs/P_gated``)."""
+    name, sep, path = text.partition("=")
+    if not name or (sep and not path):
+        raise ValueError(f"--selectors: expected NAME or NAME=DIR, received {text!r}")
+    return name, ({"type": name, "path": path} if sep else name)
+
+
 def measure_latency(policies: dict[int, Any], selectors: list[str], samples: list[int], repeats: int, bf16: bool,
                     fp32_base: float | None = None) -> list[dict]:
     """Rows: selector, N, Euler steps, median and p90 ms per chunk, and ratios. ``policies``: the checkpoint
@@ -75,11 +84,12 @@ def measure_latency(policies: dict[int, Any], selectors: list[str], samples: lis
     for steps, policy in policies.items():
         arms[f"none/1/{steps}"] = ("none (plain)", 1, steps)
         calls[f"none/1/{steps}"] = lambda policy=policy: policy.predict_action_chunk(raw)
-        for name in selectors:
+        for text in selectors:
+            name, spec = selector_arg(text)
             for n in samples:
                 arms[f"{name}/{n}/{steps}"] = (name, n, steps)
-                calls[f"{name}/{n}/{steps}"] = (lambda policy=policy, n=n, name=name:
-                                                policy.predict_action_chunk(raw, num_samples=n, selector=name))
+                calls[f"{name}/{n}/{steps}"] = (lambda policy=policy, n=n, spec=spec:
+                                                policy.predict_action_chunk(raw, num_samples=n, selector=spec))
     try:
         for p in policies.values():
             p.config.inference_bf16 = bf16
@@ -174,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="checkpoint (with selector/ for cfn, selector/value/ for value)")
     p.add_argument("--evals", nargs="*", default=[], help="`vla eval metaworld` output folders; several of one arm (other seeds, later episodes) are pooled")
-    p.add_argument("--selectors", nargs="+", default=["first", "consistency", "cfn"])
+    p.add_argument("--selectors", nargs="+", default=["first", "consistency", "cfn"],
+                   help="NAME (assets saved with the policy) or NAME=DIR (--selector.path), e.g. gated=DIR")
     p.add_argument("--samples", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--threads", type=int, default=1, help="torch threads (evaluation workers use 1)")

@@ -92,6 +92,17 @@ def test_selector_latency_rows_interleave_arms_and_steps(checkpoint) -> None:
     assert set(lat) == {"first", "first 1 steps", "first 1 steps vs N=1 at 1 steps"}
 
 
+def test_selector_latency_arms_take_a_path() -> None:
+    """``--selectors gated=DIR`` times a selector whose assets lie elsewhere (a config map); a bare name stays one."""
+    from benchmarks.selectors import selector_arg
+
+    assert selector_arg("dagger") == ("dagger", "dagger")
+    assert selector_arg("gated=out/g=1") == ("gated", {"type": "gated", "path": "out/g=1"})
+    for bad in ("=d", "gated="):
+        with pytest.raises(ValueError, match="NAME or NAME=DIR"):
+            selector_arg(bad)
+
+
 def test_selector_targets_take_the_saved_policy_as_baseline() -> None:
     """With an N=1 arm at overridden settings beside the saved one, the gain is measured from the saved one."""
     from benchmarks.selectors import targets

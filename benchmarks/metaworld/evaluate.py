@@ -21,6 +21,7 @@ import json
 import math
 import numbers
 import random
+import re
 import sys
 import time
 import zlib
@@ -322,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--selector", "--selector.type", dest="selector", default=None,
-                   help="test-time chunk selector: first, consistency, coherence, cfn, world_model, value, dagger (docs/selectors.md)")
+                   help="test-time chunk selector: first, consistency, coherence, cfn, world_model, value, dagger, gated "
+                        "(docs/selectors.md); --selector.FIELD=VALUE sets a field of its config, e.g. "
+                        "--selector.mixture_score=likelihood")
     p.add_argument("--selector.path", dest="selector_path", default=None,
                    help="selector assets (cfn, value, dagger: default the one saved with the policy; world_model: required)")
     p.add_argument("--num-samples", type=int, default=1, help="candidate chunks per re-plan (needs --selector)")
@@ -333,12 +336,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _selector_spec(args: argparse.Namespace) -> str | dict | None:
-    if args.selector_path is not None and args.selector is None:
-        raise SystemExit("--selector.path needs --selector NAME")
+_SELECTOR_FIELD = re.compile(r"--selector\.(\w+)=(.*)")
+
+
+def pop_selector_fields(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+    """Take ``--selector.FIELD=VALUE`` (any field of the selector's config but type and path, which are options)
+    out of ``argv`` -> (the rest, {FIELD: VALUE}); a VALUE that reads as JSON (a number, true, a list) is parsed."""
+    rest, fields = [], {}
+    for a in argv:
+        m = _SELECTOR_FIELD.fullmatch(a)
+        if m is None or m.group(1) in ("type", "path"):
+            rest.append(a)
+            continue
+        try:
+            fields[m.group(1)] = json.loads(m.group(2))
+        except ValueError:
+            fields[m.group(1)] = m.group(2)
+    return rest, fields
+
+
+def _selector_spec(args: argparse.Namespace, fields: dict[str, Any] | None = None) -> str | dict | None:
+    """-> None, a selector name, or a config map {"type", "path"?, FIELD: VALUE...} checked against the config."""
+    import dataclasses
+
+    from policies.selectors.base import selector_config_class
+    from vla.config import from_dict
+
+    fields = dict(fields or {})
     if args.selector is None:
+        given = (["--selector.path"] if args.selector_path is not None else []) + [f"--selector.{k}" for k in fields]
+        if given:
+            raise SystemExit(f"{', '.join(given)} needs --selector NAME")
         return None
-    return args.selector if args.selector_path is None else {"type": args.selector, "path": args.selector_path}
+    if args.selector_path is not None:
+        fields["path"] = args.selector_path
+    if not fields:
+        return args.selector
+    cls = selector_config_class(args.selector)  # an unknown name lists the known ones
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise SystemExit(f"--selector.{unknown[0]}: selector {args.selector!r} has no such field (its fields: "
+                         f"{', '.join(known) or 'none'})")
+    try:
+        from_dict(cls, fields)
+    except Exception as e:  # draccus: a value of the wrong type
+        raise SystemExit(f"--selector.*: {fields} do not fit selector {args.selector!r}'s config: {e}") from None
+    return {"type": args.selector, **fields}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -347,7 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vla.config import parse_args_with_overrides
 
     parser = build_parser()
+    argv, selector_fields = pop_selector_fields(sys.argv[1:] if argv is None else argv)
     args, overrides = parse_args_with_overrides(parser, argv)
+    selector = _selector_spec(args, selector_fields)
     if args.policy == "expert":
         from .expert_policy import ScriptedExpertPolicy
 
@@ -363,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        args.n_action_steps, args.out / "videos", args.videos_per_task,
                        tuple(c for c in args.cameras.split(",") if c) if args.cameras else None,
                        args.image_size, args.device,
-                       not args.no_progress, args.num_samples, _selector_spec(args), overrides,
+                       not args.no_progress, args.num_samples, selector, overrides,
                        args.first_episode, args.split)
     results["commit"] = commit
     paths = write_report(results, args.out)
