@@ -7,7 +7,9 @@ Latency: ``policy.predict_action_chunk(raw, num_samples=N, selector=name)`` on o
 observation (the robot-facing path: preprocessing, one backbone pass, N candidates, scoring,
 unnormalization), median of ``--repeats`` after a warm-up, all arms timed round-robin, ``--threads`` torch
 threads (1 = what each evaluation worker uses); ``--num-steps 5`` adds every arm at 5 Euler steps (flow heads:
-fewer steps per candidate, the saved N=1 stays the baseline). Success: read from ``vla eval metaworld ... --selector
+fewer steps per candidate, the saved N=1 stays the baseline). ``--policy.FIELD=VALUE`` overrides the checkpoint's
+execution settings for every arm, as in `vla eval` (token heads: ``--policy.head.temperature=1.0
+--policy.head.greedy_first=true`` draws the candidates while N=1 stays the greedy chunk). Success: read from ``vla eval metaworld ... --selector
 NAME --num-samples N`` result folders (each has results.json with its command); all arms must share tasks, episodes
 and seed, and each is paired by episode with the baseline (the saved policy at N=1): episodes gained and lost, and
 the exact McNemar p.
@@ -181,7 +183,11 @@ def targets(success: list[dict], latency: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from vla.config import parse_args_with_overrides
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any --policy.FIELD=VALUE overrides the checkpoint's execution settings "
+                                       "(every arm), as in `vla eval metaworld`.")
     p.add_argument("--policy", required=True, help="checkpoint (with selector/ for cfn, selector/value/ for value)")
     p.add_argument("--evals", nargs="*", default=[], help="`vla eval metaworld` output folders; several of one arm (other seeds, later episodes) are pooled")
     p.add_argument("--selectors", nargs="+", default=["first", "consistency", "cfn"],
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results/selectors.json")
     p.add_argument("--reuse-latency", action="store_true",
                    help="keep the latency rows (and their provenance) already in --out; only re-read the evals")
-    args = p.parse_args(argv)
+    args, overrides = parse_args_with_overrides(p, argv)
     started = time.time()
     torch.set_num_threads(args.threads)
     from vla.policy import VLAPolicy
@@ -209,16 +215,17 @@ def main(argv: list[str] | None = None) -> int:
         latency, latency_run = previous["latency"], previous.get("latency_run") or {
             k: previous.get(k) for k in ("command", "commit", "machine", "date", "threads", "repeats")}
     else:
-        policy = VLAPolicy.from_pretrained(args.policy)
+        policy = VLAPolicy.from_pretrained(args.policy, overrides=overrides)
         policies = {getattr(policy.config.head, "num_steps", None): policy}
         for k in args.num_steps:
             if k not in policies:
-                policies[k] = VLAPolicy.from_pretrained(args.policy, overrides=[f"--head.num_steps={k}"])
+                policies[k] = VLAPolicy.from_pretrained(args.policy, overrides=[*overrides, f"--head.num_steps={k}"])
         latency = measure_latency(policies, args.selectors, args.samples, args.repeats, bf16=False)
         if args.bf16:
             latency += measure_latency(policies, args.selectors, args.samples, args.repeats, bf16=True,
                                        fp32_base=latency[0]["ms_median"])
-        latency_run = {**provenance(started), "threads": args.threads, "repeats": args.repeats}
+        latency_run = {**provenance(started), "threads": args.threads, "repeats": args.repeats,
+                       "policy_overrides": overrides}
     print("latency per chunk (predict_action_chunk, batch 1):")
     print_table(latency, ["selector", "N", "num_steps", "bf16", "ms_median", "ms_p90", "vs_N1", "vs_N1_same_steps",
                           "vs_fp32_N1"])

@@ -48,6 +48,10 @@ class CoarseToFineConfig(HeadConfig):
     # What temperature 0 decodes: "argmax" (each slot's most likely code) or "expected" (each scale adds the
     # probability-weighted mean of the codebook vectors; the next scale reads that reconstruction).
     greedy: str = "argmax"
+    # With temperature > 0: candidate 0 of each observation is the argmax decode and the others are draws, so
+    # the N candidates always hold the greedy chunk (N=1 is then the greedy policy) and a selector that keeps
+    # candidate 0 (``first``, a gate switched off) executes exactly what the greedy policy would.
+    greedy_first: bool = False
     # Training only: the probability that a code of a coarser scale is replaced, in the inputs of the finer
     # scales, by a near-miss code, the finer targets then correcting it (``MSVQTokenizer.noisy_codes``). Teacher
     # forcing alone never shows a scale a wrong coarser reconstruction, which greedy decoding then feeds it.
@@ -206,7 +210,7 @@ class CoarseToFineHead(TokenHead):
                 full = torch.ones(s, s, dtype=torch.bool, device=h.device)
                 h, ctx = backbone.extend(self._tokens(tok.scale_input(f_hat, k), start), ctx, full, return_prefix=True)
             logits = self.code_out(h).masked_fill(~usable, float("-inf"))
-            c = self.pick(logits, temp, k_top, generator)  # (B*N, s)
+            c = self.pick(logits, temp, k_top, generator, n if self.cfg.greedy_first else 0)  # (B*N, s)
             if expected:  # the mean codebook vector under the predicted distribution, not the argmax's
                 f_hat = tok.add_expected_scale(f_hat, logits[..., : tok.vocab_size].double().softmax(-1))
             else:

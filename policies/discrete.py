@@ -55,6 +55,9 @@ class DiscreteConfig(HeadConfig):
     # What temperature 0 decodes: "argmax" (each position's most likely code) or "expected" (each position's
     # expected value under the predicted distribution, e.g. between two bins; per-position tokenizers only).
     greedy: str = "argmax"
+    # With temperature > 0: candidate 0 of each observation is the argmax decode, the others draws (the
+    # greedy chunk is always among the N; see CoarseToFineConfig.greedy_first).
+    greedy_first: bool = False
 
     @classmethod
     def tiny(cls) -> "DiscreteConfig":
@@ -141,7 +144,8 @@ class DiscreteHead(TokenHead):
         k = self.cfg.top_k if top_k is None else top_k
         b, n = prefix.batch_size, num_samples
         expected = temp == 0 and self.cfg.greedy == "expected"
-        codes, mask, feats, logits = self._sample_codes(backbone, prefix, n, temp, k, generator, keep_logits=expected)
+        codes, mask, feats, logits = self._sample_codes(backbone, prefix, n, temp, k, generator, keep_logits=expected,
+                                                        greedy_first=self.cfg.greedy_first)
         if expected:  # per-position values: every row decodes
             chunks = self.expected_chunks(logits)
             valid = torch.ones(len(chunks), dtype=torch.bool, device=chunks.device)
@@ -188,9 +192,12 @@ class DiscreteHead(TokenHead):
         lengths, total = constraint
         return _LengthBudget(torch.from_numpy(lengths), total, self.code_out.out_features, self.eos, rows, device)
 
-    def _sample_codes(self, backbone, prefix, n, temp, top_k, generator, keep_logits: bool = False):
+    def _sample_codes(self, backbone, prefix, n, temp, top_k, generator, keep_logits: bool = False,
+                      greedy_first: bool = False):
         """-> codes (B*n, L), mask (B*n, L), features (B*n, L, hidden), and with ``keep_logits`` the masked
-        logits (B*n, L, V_out) the codes were picked from (else None)."""
+        logits (B*n, L, V_out) the codes were picked from (else None). ``greedy_first``: row 0 of each
+        observation's n takes the argmax (re-draws pass False: a greedy re-draw would repeat itself)."""
+        every = n if greedy_first else 0
         dev = prefix.hidden.device
         allowed = self.allowed_ids(dev)
         length = allowed.shape[0]
@@ -198,7 +205,7 @@ class DiscreteHead(TokenHead):
             dummy = torch.zeros(prefix.batch_size, length, dtype=torch.long, device=dev)
             logits, h = self.logits(backbone, prefix, dummy)  # ONE pass on B rows; codes are not read
             logits = logits.masked_fill(~allowed, float("-inf")).repeat_interleave(n, 0)
-            codes = self.pick(logits, temp, top_k, generator)
+            codes = self.pick(logits, temp, top_k, generator, every)
             return codes, torch.ones_like(codes, dtype=torch.bool), h.repeat_interleave(n, 0), \
                 logits if keep_logits else None
         slots = self.slot_emb.weight
@@ -211,7 +218,7 @@ class DiscreteHead(TokenHead):
         for i in range(length):
             ok = allowed[i] if fits is None else allowed[i] & fits()
             logits = self.code_out(h).masked_fill(~ok, float("-inf"))
-            c = self.pick(logits, temp, top_k, generator)
+            c = self.pick(logits, temp, top_k, generator, every)
             if keep_logits:
                 kept.append(logits)
             if self.variable:

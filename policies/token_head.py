@@ -61,7 +61,8 @@ GREEDY = ("argmax", "expected")
 
 def check_decoding(cfg: Any, tokenizer: ActionTokenizer, per_position: bool) -> None:
     """Validate a token head's execution settings (they can be changed at load time: ``overrides``):
-    ``temperature`` >= 0, ``top_k`` >= 0, ``greedy`` in GREEDY; ``per_position``: the head decodes
+    ``temperature`` >= 0, ``top_k`` >= 0, ``greedy`` in GREEDY, ``greedy_first`` a bool that needs
+    ``greedy="argmax"``; ``per_position``: the head decodes
     'expected' through ``code_values``."""
     if not cfg.temperature >= 0:
         raise ValueError(f"head.temperature: expected >= 0 (0 = greedy), received {cfg.temperature!r}")
@@ -70,6 +71,11 @@ def check_decoding(cfg: Any, tokenizer: ActionTokenizer, per_position: bool) -> 
     greedy = cfg.greedy
     if greedy not in GREEDY:
         raise ValueError(f"head.greedy: expected one of {GREEDY}, got {greedy!r}")
+    if not isinstance(cfg.greedy_first, bool):
+        raise ValueError(f"head.greedy_first: expected true or false, received {cfg.greedy_first!r}")
+    if cfg.greedy_first and greedy != "argmax":
+        raise ValueError(f"head.greedy_first=true decodes candidate 0 by argmax, but head.greedy={greedy!r}: "
+                         "use greedy='argmax' or greedy_first=false")
     joint = bool(getattr(tokenizer.config, "spherical_dims", None))  # adaptive_grid's joint xyz token
     if greedy == "expected" and per_position and (type(tokenizer).code_values is ActionTokenizer.code_values or joint):
         what = "the spherical grid's joint token" if joint else repr(tokenizer.config.type)
@@ -216,12 +222,21 @@ class TokenHead(ActionHead):
         return self.state_in(s.to(self.state_in.weight.dtype))[:, None]
 
     @staticmethod
-    def pick(logits: Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> Tensor:
-        """Sample ids from logits (..., V): greedy at temperature 0, else softmax(logits / T) over the top k."""
+    def pick(logits: Tensor, temperature: float, top_k: int, generator: torch.Generator | None,
+             greedy_every: int = 0) -> Tensor:
+        """Sample ids from logits (..., V): greedy at temperature 0, else softmax(logits / T) over the top k.
+        ``greedy_every`` = n > 0: rows 0, n, 2n, ... of dim 0 (candidate 0 of each observation, rows being
+        B*n observation-major) take the argmax instead (``head.greedy_first``)."""
         if temperature < 0:
             raise ValueError(f"temperature: expected >= 0, got {temperature}")
         if temperature == 0:
             return logits.argmax(-1)
+        if greedy_every == 1:  # every row is a candidate 0 (N=1): no draw to make
+            return logits.argmax(-1)
+        if greedy_every > 1:
+            ids = TokenHead.pick(logits, temperature, top_k, generator)
+            ids[::greedy_every] = logits[::greedy_every].argmax(-1)
+            return ids
         x = logits.float() / temperature
         if 0 < top_k < x.shape[-1]:
             kth = x.topk(top_k, dim=-1).values[..., -1:]

@@ -141,3 +141,22 @@ def test_selector_benchmark_pairs_every_arm_with_the_saved_policy(tmp_path: Path
     del old["tasks"]["reach"]["successful"]
     (base / "results.json").write_text(json.dumps(old))
     assert "vs_base_gained" not in collect_evals([arm, base])[0]
+
+
+def test_selector_latency_takes_policy_overrides(tmp_path: Path) -> None:
+    """``--policy.FIELD=VALUE`` reaches every arm's checkpoint (a token head's draws for the candidates) and is
+    recorded with the latency rows; a field the config lacks is refused with the fields it has."""
+    from benchmarks.selectors import main
+    from tests.helpers import tiny_checkpoint
+
+    path, _ = tiny_checkpoint(tmp_path, 2, 10, "--head.type=discrete")
+    out = tmp_path / "sel.json"
+    over = ["--policy.head.temperature=1.0", "--policy.head.greedy_first=true"]
+    assert main(["--policy", str(path), "--selectors", "first", "--samples", "1", "4", "--repeats", "1",
+                 "--out", str(out), *over]) == 0
+    got = json.loads(out.read_text())
+    assert got["latency_run"]["policy_overrides"] == ["--head.temperature=1.0", "--head.greedy_first=true"]
+    assert {(r["selector"], r["N"]) for r in got["latency"]} == {("none (plain)", 1), ("first", 1), ("first", 4)}
+    with pytest.raises(ValueError, match="has no field 'bogus'"):
+        main(["--policy", str(path), "--selectors", "first", "--samples", "1", "--repeats", "1", "--out",
+              str(out), "--policy.head.bogus=1"])

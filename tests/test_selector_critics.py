@@ -3,6 +3,7 @@ predictor, `vla post-train value|dagger` with a real (tiny) policy, and `benchma
 `oracle_selection` in the simulator. The registry-wide contract is in test_selectors.py."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -95,7 +96,6 @@ def _assert_one_pass_selects_argmax(policy_dir: Path, raw: dict, selector: str) 
 def test_post_train_value_saves_with_policy_and_selects(checkpoint, tmp_path: Path) -> None:
     """Outcome data of the policy's own candidates -> `vla post-train value` -> <policy>/selector/value/;
     --selector value then runs the backbone once for N candidates and executes the best-scored one."""
-    import json
     import shutil
 
     from post_training.value_train import main
@@ -259,7 +259,6 @@ def test_post_train_dagger_saves_with_policy_and_selects(checkpoint, tmp_path: P
     """Expert-labelled states of the policy's own candidates -> `vla post-train dagger` -> <policy>/selector/dagger/;
     --selector dagger then runs the backbone once for N candidates and executes the best-scored one. Used with
     other Euler steps than its data's candidates, it warns."""
-    import json
     import shutil
 
     from post_training.dagger_train import main
@@ -298,12 +297,12 @@ def test_post_train_dagger_saves_with_policy_and_selects(checkpoint, tmp_path: P
     assert fit["heldout"]["mse_prediction"] < fit["heldout"]["mse_candidate_mean"], fit
     with caplog.at_level("WARNING", logger="policies.selectors.value"):
         _assert_one_pass_selects_argmax(policy_dir, raw, "dagger")
-        assert "Euler steps" not in caplog.text
+        assert "fitted on candidates" not in caplog.text
         steps = policy.config.head.num_steps
         other = VLAPolicy.from_pretrained(policy_dir, overrides=[f"--head.num_steps={steps + 1}"])
         other.predict_action_chunk(raw, num_samples=2, selector="dagger")
-    assert "selector 'dagger'" in caplog.text and f"sampled with {steps} Euler steps" in caplog.text
-    assert f"head.num_steps={steps + 1}" in caplog.text
+    assert "selector 'dagger'" in caplog.text and f"sampled with head.num_steps={steps}," in caplog.text
+    assert f"--policy.head.num_steps={steps + 1}" in caplog.text
 
 
 @pytest.mark.sim
@@ -389,3 +388,26 @@ def test_oracle_selection_plays_the_evaluation_episodes(by: str) -> None:
     (res,) = list(run_jobs(oracle_episode, [job], 1, progress=False, initializer=_set_policy_spec,
                            initargs=(RandomCandidatePolicy, "cpu")))
     assert res["chunks"] == 3 and res["length"] == 12 and 0 <= res["picked_first"] <= 3
+
+
+def test_a_predictor_warns_when_the_candidates_are_drawn_otherwise(tmp_path: Path, caplog) -> None:
+    """The fit data's sampling settings (``meta.sampling``; ``meta.num_steps`` in older files) against the policy's:
+    a token head run greedy with a predictor fitted on temperature-1 draws is named, with the override that matches."""
+    from policies.coarse_to_fine import CoarseToFineConfig
+    from policies.selectors.value import VALUE_CONFIG, check_sampling, sampling_settings
+
+    drawn = CoarseToFineConfig(temperature=1.0, greedy_first=True)
+    assert sampling_settings(drawn) == {"temperature": 1.0, "top_k": 0, "greedy_first": True}
+    (tmp_path / VALUE_CONFIG).write_text(json.dumps({"fit": {"collected": [
+        {"sampling": sampling_settings(drawn)}, {"num_steps": 10}]}}))
+    policy = lambda head: SimpleNamespace(config=SimpleNamespace(head=head))  # noqa: E731
+    with caplog.at_level("WARNING", logger="policies.selectors.value"):
+        check_sampling(tmp_path, policy(drawn), "dagger")
+        assert "fitted on candidates" not in caplog.text
+        check_sampling(tmp_path, policy(CoarseToFineConfig(temperature=0.0)), "dagger")
+    assert "sampled with head.temperature=1.0, head.greedy_first=True" in caplog.text
+    assert "--policy.head.temperature=0.0 --policy.head.greedy_first=False" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="policies.selectors.value"):  # a flow head: its steps, from the old key
+        check_sampling(tmp_path, policy(SimpleNamespace(num_steps=5)), "value")
+    assert "selector 'value'" in caplog.text and "head.num_steps=10," in caplog.text

@@ -62,8 +62,8 @@ def test_cached_decoding_matches_teacher_forcing(name: str) -> None:
         recorded = []
         orig_pick = head.pick
 
-        def spy(logits, temperature, top_k, generator):
-            out = orig_pick(logits, temperature, top_k, generator)
+        def spy(logits, temperature, top_k, generator, *rest):
+            out = orig_pick(logits, temperature, top_k, generator, *rest)
             recorded.append(out)
             return out
 
@@ -216,9 +216,9 @@ def test_greedy_resamples_are_drawn_at_a_temperature(monkeypatch) -> None:
     temps = []
     real = head._sample_codes
 
-    def spy(backbone, prefix, n, temp, top_k, generator, keep_logits=False):
+    def spy(backbone, prefix, n, temp, top_k, generator, keep_logits=False, greedy_first=False):
         temps.append(temp)
-        return real(backbone, prefix, n, temp, top_k, generator, keep_logits)
+        return real(backbone, prefix, n, temp, top_k, generator, keep_logits, greedy_first)
 
     calls = {"n": 0}
     real_decode = head.tokenizer.decode
@@ -233,6 +233,25 @@ def test_greedy_resamples_are_drawn_at_a_temperature(monkeypatch) -> None:
     head.cfg.resample_temperature = 0.7
     out = head.sample(policy.backbone, prefix, temperature=0)
     assert torch.isfinite(out).all() and temps == [0, 0.7]
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_greedy_first_puts_the_greedy_chunk_among_the_draws(name: str) -> None:
+    """head.greedy_first at temperature 1: candidate 0 of every observation is the temperature-0 chunk, the
+    others are draws (not all equal to it); at N=1 the head is then the greedy policy."""
+    policy = _policy(HEADS[name])
+    head = policy.head
+    prefix = policy.encode(random_observation(policy, batch=2))
+    greedy = head.sample(policy.backbone, prefix, temperature=0)[:, 0]  # (B, H, A)
+    head.cfg.greedy_first = True
+    gen = torch.Generator().manual_seed(0)
+    draws = head.sample(policy.backbone, prefix, num_samples=8, temperature=1.0, generator=gen)  # (B, 8, H, A)
+    assert torch.equal(draws[:, 0], greedy)
+    assert (draws[:, 1:] - greedy[:, None]).abs().amax((2, 3)).max() > 1e-3
+    assert torch.equal(head.sample(policy.backbone, prefix, temperature=1.0, generator=gen)[:, 0], greedy)
+    head.cfg.greedy_first = False  # off: candidate 0 is a draw like the others
+    off = head.sample(policy.backbone, prefix, num_samples=8, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(off, draws)
 
 
 def test_config_errors_are_clear() -> None:
@@ -300,6 +319,10 @@ def test_expected_greedy_config_errors() -> None:
         _policy(DiscreteConfig(tokenizer=_tok("uniform"), top_k=-1))
     with pytest.raises(ValueError, match="head.temperature: expected >= 0"):
         _policy(CoarseToFineConfig(tokenizer=_tok("msvq"), temperature=-0.5))
+    with pytest.raises(ValueError, match="head.greedy_first=true decodes candidate 0 by argmax"):
+        _policy(DiscreteConfig(tokenizer=_tok("uniform"), greedy="expected", greedy_first=True))
+    with pytest.raises(ValueError, match="head.greedy_first: expected true or false, received 'yes'"):
+        _policy(CoarseToFineConfig(tokenizer=_tok("msvq"), greedy_first="yes"))
 
 
 def test_coarse_to_fine_per_dimension_mask_is_block_causal_over_all_dims_of_a_scale() -> None:

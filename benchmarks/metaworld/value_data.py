@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.metaworld.evaluate import _set_policy_spec, policy_cameras
     from benchmarks.metaworld.tasks import resolve_tasks, variations
     from benchmarks.metaworld.workers import run_jobs
+    from policies.selectors.value import sampling_settings
     from vla.config import parse_args_with_overrides
     from vla.policy import load_policy_config
 
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     "rollouts": args.rollouts, "selector": selector, "policy_overrides": overrides,
                     # how the candidates were sampled: a selector fitted on them warns when used otherwise
                     "num_steps": getattr(getattr(config, "head", None), "num_steps", None),
+                    "sampling": sampling_settings(getattr(config, "head", None)),
                     "policy_success": float(np.mean([r["success"] for r in results])),
                     "provenance": provenance(started)}
     args.out.parent.mkdir(parents=True, exist_ok=True)

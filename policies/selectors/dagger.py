@@ -31,7 +31,7 @@ from torch import Tensor
 
 from policies.selectors.base import SELECTOR_DIR, ChunkSelector, SelectorConfig
 from policies.selectors.cfn import POOLS, pool_features
-from policies.selectors.value import VALUE_WEIGHTS, ChunkValueNet, check_sampling_steps
+from policies.selectors.value import VALUE_WEIGHTS, ChunkValueNet, check_sampling
 from vla.types import Observation, Prefix
 
 DAGGER_SUBDIR = "dagger"  # <policy>/selector/dagger/
@@ -209,5 +209,5 @@ class DaggerConfig(SelectorConfig):
                                         "benchmarks.metaworld.value_data`, fit with `vla post-train dagger --policy "
                                         f"{Path(sel_dir).parent} --data FILE`, or pass --selector.path=DIR")
         net, pool = ChunkValueNet.load(folder, "dagger")
-        check_sampling_steps(folder, policy, "dagger")
+        check_sampling(folder, policy, "dagger")
         return DaggerSelector(net, pool, str(folder), self.mixture_score)

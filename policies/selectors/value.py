@@ -185,22 +185,39 @@ class ValueConfig(SelectorConfig):
                                         "benchmarks.metaworld.value_data`, fit with `vla post-train value --policy "
                                         f"{Path(sel_dir).parent} --data FILE`, or pass --selector.path=DIR")
         net, pool = ChunkValueNet.load(folder)
-        check_sampling_steps(folder, policy, "value")
+        check_sampling(folder, policy, "value")
         return ValueSelector(net, pool, str(folder))
 
 
-def check_sampling_steps(folder: Path, policy: Any, name: str) -> None:
-    """Warn when the policy samples its candidates with other Euler steps than the fit data's
-    (``meta.num_steps`` of the ``value_data`` files, kept in the fit report). The network reads the
-    candidates' pooled features and mean chunk, and both shift with the number of integration steps, so
-    a predictor belongs to one sampling setting as it belongs to one checkpoint."""
-    now = getattr(getattr(getattr(policy, "config", None), "head", None), "num_steps", None)
+# Head settings that shape the candidates a selector reads: the flow head's Euler steps, a token head's draws.
+SAMPLING_FIELDS = ("num_steps", "temperature", "top_k", "greedy_first")
+
+
+def sampling_settings(head_cfg: Any) -> dict[str, Any]:
+    """The head config's SAMPLING_FIELDS that it has ({} for None): recorded with selector training data."""
+    return {f: getattr(head_cfg, f) for f in SAMPLING_FIELDS if hasattr(head_cfg, f)}
+
+
+def check_sampling(folder: Path, policy: Any, name: str) -> None:
+    """Warn when the policy samples its candidates otherwise than the fit data's (``meta.sampling`` of the
+    ``value_data`` files, ``meta.num_steps`` in older ones, kept in the fit report): other Euler steps, another
+    temperature, top_k or greedy_first. The network reads the candidates' pooled features and mean chunk, and
+    both shift with how the candidates are drawn, so a predictor belongs to one sampling setting as it belongs
+    to one checkpoint."""
+    now = sampling_settings(getattr(getattr(policy, "config", None), "head", None))
     try:
         collected = json.loads((folder / VALUE_CONFIG).read_text()).get("fit", {}).get("collected") or []
     except (OSError, ValueError):
         return
-    fitted = sorted({m["num_steps"] for m in collected if isinstance(m, dict) and m.get("num_steps") is not None})
-    if now is not None and fitted and now not in fitted:
-        logger.warning("selector '%s' (%s): fitted on candidates sampled with %s Euler steps, the policy now samples "
-                       "with head.num_steps=%s; collect data with --policy.head.num_steps=%s and refit for this setting",
-                       name, folder, "/".join(map(str, fitted)), now, now)
+    fitted: dict[str, set] = {}
+    for m in (c for c in (collected if isinstance(collected, list) else [collected]) if isinstance(c, dict)):
+        settings = m.get("sampling") or ({"num_steps": m["num_steps"]} if m.get("num_steps") is not None else {})
+        for k, v in settings.items():
+            fitted.setdefault(k, set()).add(v)
+    off = {k: v for k, v in now.items() if k in fitted and v not in fitted[k]}
+    if off:
+        logger.warning("selector '%s' (%s): fitted on candidates sampled with %s, the policy now samples with %s; "
+                       "collect data with %s and refit for this setting", name, folder,
+                       ", ".join(f"head.{k}={'/'.join(map(str, sorted(fitted[k])))}" for k in off),
+                       ", ".join(f"head.{k}={v}" for k, v in off.items()),
+                       " ".join(f"--policy.head.{k}={v}" for k, v in off.items()))
