@@ -368,6 +368,16 @@ def test_value_data_checks_policy_overrides_before_collecting(checkpoint, tmp_pa
     assert seen["initargs"][3] == ["--head.num_steps=7"]
     meta = torch.load(tmp_path / "d.pt")["meta"]
     assert meta["num_steps"] == 7 and meta["policy_overrides"] == ["--head.num_steps=7"]
+    assert meta["sampling"] == {"num_steps": 7} and meta["selector"] is None
+    # --selector.FIELD=VALUE reaches the selecting policy (DAgger's next round); a field the config lacks is refused
+    sel = ["--tasks", "reach-v3", "--episodes", "1", "--no-progress", "--selector", "dagger", "--selector.path", "D"]
+    assert value_data.main([*base, *sel, "--selector.mixture_score=likelihood"]) == 0
+    assert torch.load(tmp_path / "d.pt")["meta"]["selector"] == {"type": "dagger", "path": "D",
+                                                                 "mixture_score": "likelihood"}
+    with pytest.raises(SystemExit, match="selector 'dagger' has no such field"):
+        value_data.main([*base, *sel, "--selector.bogus=1"])
+    with pytest.raises(SystemExit, match="needs --selector NAME"):
+        value_data.main([*base, "--selector.path", "D"])
 
 
 @pytest.mark.sim

@@ -129,6 +129,13 @@ def test_selector_gate_plays_both_arms_on_training_variations_and_writes_the_gat
     assert gate["off"] == [INSTRUCTIONS["peg-insert-side-v3"]] and gate["selector"] == {"type": "dagger"}
     assert gate["evidence"]["reach-v3"]["gained"] == 2 and (tmp_path / "gate_eval_selected.json").is_file()
     assert "peg-insert-side-v3" in capsys.readouterr().out
+    # --selector.FIELD=VALUE: the selecting arm and gate.json's inner selector get it; an unknown field is refused
+    assert selector_gate.main([*args, "--selector.mixture_score=likelihood"]) == 0
+    assert calls[-1]["selector"] == {"type": "dagger", "path": str(tmp_path), "mixture_score": "likelihood"}
+    assert json.loads((tmp_path / GATE_FILE).read_text())["selector"] == {"type": "dagger",
+                                                                       "mixture_score": "likelihood"}
+    with pytest.raises(SystemExit, match="has no such field"):
+        selector_gate.main([*args, "--selector.bogus=1"])
     with pytest.raises(SystemExit):
         selector_gate.main(["--policy", "P", "--selector", "gated", "--selector.path", str(tmp_path)])
     assert "name the selector to gate" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,13 +46,15 @@ def gate_decision(base: dict[str, Any], selected: dict[str, Any], margin: int = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.common import provenance
-    from benchmarks.metaworld.evaluate import evaluate
+    from benchmarks.metaworld.evaluate import _selector_spec, evaluate, pop_selector_fields
     from benchmarks.metaworld.tasks import INSTRUCTIONS
     from vla.config import parse_args_with_overrides
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="Any --policy.FIELD=VALUE overrides the checkpoint's execution settings in both "
-                                       "arms, as in `vla eval` (e.g. --policy.head.num_steps=5).")
+                                       "arms, as in `vla eval` (e.g. --policy.head.num_steps=5); any "
+                                       "--selector.FIELD=VALUE sets a field of the gated selector's config, kept in "
+                                       "gate.json (e.g. --selector.mixture_score=likelihood).")
     p.add_argument("--policy", required=True, help="policy checkpoint (pretrained_model/)")
     p.add_argument("--selector", required=True, help="the selector to gate, e.g. dagger")
     p.add_argument("--selector.path", dest="selector_path", required=True,
@@ -63,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--margin", type=int, default=1, help="switch off where lost - gained >= this many episodes")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--no-progress", action="store_true")
+    argv, fields = pop_selector_fields(sys.argv[1:] if argv is None else argv)
     args, overrides = parse_args_with_overrides(p, argv)
     if args.selector == "gated":
         p.error("--selector gated: name the selector to gate (e.g. dagger), not the gate itself")
@@ -75,14 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = Path(args.selector_path)
     if not folder.is_dir():
         p.error(f"--selector.path {folder}: not a folder")
+    spec = _selector_spec(args, fields)  # {"type", "path", FIELD: VALUE...}; a field the config lacks is refused
+    inner = {k: v for k, v in spec.items() if k != "path"}  # gate.json: the folder is the gated selector's path
     started = time.time()
     common = dict(tasks=args.tasks, episodes_per_task=args.episodes, seed=args.seed, workers=args.workers,
                   videos_per_task=0, progress=not args.no_progress, policy_overrides=overrides, split="train")
     base = evaluate(args.policy, **common)
-    selected = evaluate(args.policy, num_samples=args.num_samples,
-                        selector={"type": args.selector, "path": str(folder)}, **common)
+    selected = evaluate(args.policy, num_samples=args.num_samples, selector=spec, **common)
     decision = gate_decision(base, selected, args.margin)
-    gate = {"selector": {"type": args.selector}, "off": [INSTRUCTIONS[t] for t in decision["off_tasks"]],
+    gate = {"selector": inner, "off": [INSTRUCTIONS[t] for t in decision["off_tasks"]],
             **decision, "rule": f"off where lost - gained >= {args.margin} paired training episodes",
             "validation": {"split": "train", "seed": args.seed, "episodes_per_task": args.episodes,
                            "num_samples": args.num_samples, "policy_overrides": overrides,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.common import provenance
-    from benchmarks.metaworld.evaluate import _set_policy_spec, policy_cameras
+    from benchmarks.metaworld.evaluate import _selector_spec, _set_policy_spec, policy_cameras, pop_selector_fields
     from benchmarks.metaworld.tasks import resolve_tasks, variations
     from benchmarks.metaworld.workers import run_jobs
     from policies.selectors.value import sampling_settings
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--selector.path", dest="selector_path", default=None, help="its assets (default: saved with the policy)")
     p.add_argument("--out", type=Path, required=True, help="a .pt file")
     p.add_argument("--no-progress", action="store_true")
+    argv, fields = pop_selector_fields(sys.argv[1:] if argv is None else argv)  # --selector.FIELD=VALUE
     args, overrides = parse_args_with_overrides(p, argv)
     try:
         # fail here, not in every worker (a LoRA adapter folder has no config.json of its own to override)
@@ -150,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     tasks = resolve_tasks(args.tasks)
     cams = policy_cameras(args.policy)
-    selector = None if args.selector is None else (
-        {"type": args.selector, "path": args.selector_path} if args.selector_path else args.selector)
+    selector = _selector_spec(args, fields)  # None, a name, or {"type", "path"?, FIELD: VALUE...}
     jobs = []
     for task in tasks:
         for i, (_, _, var) in enumerate(variations(task, "train", args.episodes, args.seed)):
