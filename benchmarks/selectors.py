@@ -9,8 +9,8 @@ unnormalization), median of ``--repeats`` after a warm-up, all arms timed round-
 threads (1 = what each evaluation worker uses); ``--num-steps 5`` adds every arm at 5 Euler steps (flow heads:
 fewer steps per candidate, the saved N=1 stays the baseline). ``--policy.FIELD=VALUE`` overrides the checkpoint's
 execution settings for every arm, as in `vla eval` (token heads: ``--policy.head.temperature=1.0
---policy.head.greedy_first=true`` draws the candidates while N=1 stays the greedy chunk). Success: read from ``vla eval metaworld ... --selector
-NAME --num-samples N`` result folders (each has results.json with its command); all arms must share tasks, episodes
+--policy.head.greedy_first=true`` draws the candidates while N=1 stays the greedy chunk). Success: read from
+``vla eval metaworld ... --selector NAME --num-samples N`` result folders (each has results.json with its command); all arms must share tasks, episodes
 and seed, and each is paired by episode with the baseline (the saved policy at N=1): episodes gained and lost, and
 the exact McNemar p.
 Prints tables and writes benchmarks/results/selectors.json. Targets (issue 7): the best selector at

@@ -469,20 +469,20 @@ def test_metaworld_evaluate_passes_the_selector() -> None:
 def test_metaworld_eval_cli_takes_selector_fields() -> None:
     """`vla eval metaworld --selector dagger --selector.mixture_score=likelihood` becomes a config map; a field
     the selector's config lacks, or a field without --selector, is refused by name."""
-    from benchmarks.metaworld.evaluate import _selector_spec, build_parser, pop_selector_fields
+    from benchmarks.metaworld.evaluate import selector_spec, build_parser, pop_selector_fields
 
     argv = ["--policy", "p", "--selector", "dagger", "--selector.path=d", "--selector.mixture_score=likelihood",
             "--policy.head.num_steps=5"]
     rest, fields = pop_selector_fields(argv)
     assert fields == {"mixture_score": "likelihood"} and "--selector.path=d" in rest and "--policy.head.num_steps=5" in rest
     args = build_parser().parse_known_args(rest)[0]
-    assert _selector_spec(args, fields) == {"type": "dagger", "path": "d", "mixture_score": "likelihood"}
-    assert _selector_spec(build_parser().parse_args(["--policy", "p", "--selector", "first"]), {}) == "first"
+    assert selector_spec(args, fields) == {"type": "dagger", "path": "d", "mixture_score": "likelihood"}
+    assert selector_spec(build_parser().parse_args(["--policy", "p", "--selector", "first"]), {}) == "first"
     with pytest.raises(SystemExit, match="selector 'dagger' has no such field .*mixture_score"):
-        _selector_spec(args, {"mixture": 2})
+        selector_spec(args, {"mixture": 2})
     with pytest.raises(SystemExit, match="--selector.mixture_score needs --selector NAME"):
-        _selector_spec(build_parser().parse_args(["--policy", "p"]), fields)
+        selector_spec(build_parser().parse_args(["--policy", "p"]), fields)
     with pytest.raises(SystemExit, match="--selector.path needs --selector NAME"):
-        _selector_spec(build_parser().parse_args(["--policy", "p", "--selector.path", "d"]), {})
+        selector_spec(build_parser().parse_args(["--policy", "p", "--selector.path", "d"]), {})
     with pytest.raises(KeyError, match="dagger"):  # an unknown selector lists the known ones
-        _selector_spec(build_parser().parse_args(["--policy", "p", "--selector", "dagge"]), fields)
+        selector_spec(build_parser().parse_args(["--policy", "p", "--selector", "dagge"]), fields)

@@ -295,8 +295,9 @@ def parse_args_with_overrides(parser: Any, argv: Sequence[str] | None) -> tuple[
 
 # Fields of a trained policy's config that change how it acts but not what it learned: overriding them
 # at load time is what the overrides are for. Any other field is allowed (experiments) with a warning.
-EXECUTION_FIELDS = ("inference_bf16", "head.temperature", "head.top_k", "head.greedy", "head.greedy_first", "head.num_steps", "head.max_resample",
-                    "head.resample_temperature", "head.constrain_length", "n_action_steps",
+EXECUTION_FIELDS = ("inference_bf16", "head.temperature", "head.top_k", "head.greedy", "head.greedy_first",
+                    "head.num_steps", "head.max_resample", "head.resample_temperature", "head.constrain_length",
+                    "n_action_steps",
                     # training-time only: which weights get gradients / start from ImageNet / target noise
                     "backbone.freeze_vision", "backbone.freeze_language", "backbone.pretrained_vision",
                     "head.code_noise", "head.scale_loss")

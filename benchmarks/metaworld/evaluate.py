@@ -355,7 +355,7 @@ def pop_selector_fields(argv: Sequence[str]) -> tuple[list[str], dict[str, Any]]
     return rest, fields
 
 
-def _selector_spec(args: argparse.Namespace, fields: dict[str, Any] | None = None) -> str | dict | None:
+def selector_spec(args: argparse.Namespace, fields: dict[str, Any] | None = None) -> str | dict | None:
     """-> None, a selector name, or a config map {"type", "path"?, FIELD: VALUE...} whose fields the config has."""
     import dataclasses
 
@@ -388,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv, selector_fields = pop_selector_fields(sys.argv[1:] if argv is None else argv)
     args, overrides = parse_args_with_overrides(parser, argv)
-    selector = _selector_spec(args, selector_fields)
+    selector = selector_spec(args, selector_fields)
     if args.policy == "expert":
         from .expert_policy import ScriptedExpertPolicy
 

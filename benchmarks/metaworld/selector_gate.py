@@ -46,7 +46,7 @@ def gate_decision(base: dict[str, Any], selected: dict[str, Any], margin: int = 
 
 def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.common import provenance
-    from benchmarks.metaworld.evaluate import _selector_spec, evaluate, pop_selector_fields
+    from benchmarks.metaworld.evaluate import selector_spec, evaluate, pop_selector_fields
     from benchmarks.metaworld.tasks import INSTRUCTIONS
     from vla.config import parse_args_with_overrides
 
@@ -79,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     folder = Path(args.selector_path)
     if not folder.is_dir():
         p.error(f"--selector.path {folder}: not a folder")
-    spec = _selector_spec(args, fields)  # {"type", "path", FIELD: VALUE...}; a field the config lacks is refused
+    spec = selector_spec(args, fields)  # {"type", "path", FIELD: VALUE...}; a field the config lacks is refused
     inner = {k: v for k, v in spec.items() if k != "path"}  # gate.json: the folder is the gated selector's path
     started = time.time()
     common = dict(tasks=args.tasks, episodes_per_task=args.episodes, seed=args.seed, workers=args.workers,

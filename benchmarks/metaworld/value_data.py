@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.common import provenance
-    from benchmarks.metaworld.evaluate import _selector_spec, _set_policy_spec, policy_cameras, pop_selector_fields
+    from benchmarks.metaworld.evaluate import selector_spec, _set_policy_spec, policy_cameras, pop_selector_fields
     from benchmarks.metaworld.tasks import resolve_tasks, variations
     from benchmarks.metaworld.workers import run_jobs
     from policies.selectors.value import sampling_settings
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     tasks = resolve_tasks(args.tasks)
     cams = policy_cameras(args.policy)
-    selector = _selector_spec(args, fields)  # None, a name, or {"type", "path"?, FIELD: VALUE...}
+    selector = selector_spec(args, fields)  # None, a name, or {"type", "path"?, FIELD: VALUE...}
     jobs = []
     for task in tasks:
         for i, (_, _, var) in enumerate(variations(task, "train", args.episodes, args.seed)):
